@@ -1,0 +1,43 @@
+"""The `rdp` command. Each room registers its own sub-commands, so this file only
+collects them: pretrain (train, info, convert, flops), data_pipeline (data ...),
+evals (eval), slurm (submit, submit-eval, status)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = ("pretrain.cli", "data_pipeline.cli", "evals.cli", "slurm.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdp", description="Pretrain and evaluate recurrent-depth language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that room has no commands yet
+                continue
+            raise
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors become one clear line
+        from pretrain.config import ConfigError
+
+        if isinstance(exc, (ConfigError, FileNotFoundError)) or getattr(exc, "user_facing", False):
+            print(f"rdp {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The recurrent-depth transformer (huginn-0125 family): prelude, a core block iterated
+on a latent state re-injected with the prelude's output, and a coda.
+
+One forward serves training, evaluation and export (DESIGN invariant 1):
+`model(input_ids, num_steps=(n, k))` runs n core iterations without autograd, then k with it.
+Parallelism lives in the `LayerKit` the model is built with; fused ops come from `kernels`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels import get_ops
+from kernels.reference import rope_cos_sin
+from pretrain.config import ModelConfig
+from pretrain.layers import Linear, LocalLayers, takase_std
+
+
+class KVCache(Protocol):
+    """What attention needs of a cache: store this call's keys/values under `key` and
+    return every key/value the queries may attend to, shaped (batch, heads, seq, head_dim)."""
+
+    def update(self, key: tuple[int, int], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class ModelOutput:
+    logits: Optional[torch.Tensor]
+    loss: Optional[torch.Tensor]
+    state: Optional[torch.Tensor]  # final latent state of the core block, before ln_f
+    num_steps: tuple[int, int]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """norm(x + update), fused where the kernel backend can."""
+        return self.ops.add_rms_norm(x, update, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, kit, ops):
+        super().__init__()
+        h, std = cfg.hidden_size, takase_std(cfg.hidden_size) * cfg.init_std_scale
+        self.head_dim = cfg.head_dim
+        self.local_heads = cfg.num_heads // kit.tp_size
+        self.ops = ops
+        # output laid out [all q | all k | all v], head-major inside each part
+        self.Wqkv = kit.column_linear(h, 3 * h, std, interleave=3)
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.local_heads, self.head_dim)) if cfg.qk_bias else None
+        self.proj = kit.row_linear(h, h, std / math.sqrt(2 * cfg.effective_depth))
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None,
+                cache_key: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.Wqkv(x).view(batch, seq, 3, self.local_heads, self.head_dim).unbind(2)
+        q, k = self.ops.bias_rope(q, k, self.qk_bias, cos_sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(cache_key, k, v)
+        y = self.ops.attention(q, k, v, causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, kit, ops):
+        super().__init__()
+        h, std = cfg.hidden_size, takase_std(cfg.hidden_size) * cfg.init_std_scale
+        self.ops = ops
+        self.fc = kit.column_linear(h, 2 * cfg.intermediate_size, std, interleave=2)  # [gate | up]
+        self.proj = kit.row_linear(cfg.intermediate_size, h, std / math.sqrt(2 * cfg.effective_depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ops.silu_mul(self.fc(x)))
+
+
+class SandwichBlock(nn.Module):
+    """x = norm_2(x + attn(norm_1(x))); x = norm_4(x + mlp(norm_3(x)))."""
+
+    def __init__(self, cfg: ModelConfig, kit, ops, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.norm_1, self.norm_2, self.norm_3, self.norm_4 = (
+            RMSNorm(cfg.hidden_size, cfg.norm_eps, ops) for _ in range(4))
+        self.attn = Attention(cfg, kit, ops)
+        self.mlp = GatedMLP(cfg, kit, ops)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None,
+                step: int = 0) -> torch.Tensor:
+        x = self.norm_2.add(x, self.attn(self.norm_1(x), cos_sin, cache, (self.layer_id, step)))
+        return self.norm_4.add(x, self.mlp(self.norm_3(x)))
+
+
+class RecurrentDepthModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, kit=None):
+        super().__init__()
+        self.config = cfg
+        kit = kit or LocalLayers()
+        self.kit = kit
+        self.ops = get_ops(cfg.kernels)
+        h, std = cfg.hidden_size, takase_std(cfg.hidden_size) * cfg.init_std_scale
+        layer_ids = iter(range(cfg.prelude_layers + cfg.core_layers + cfg.coda_layers))
+
+        def blocks(count: int) -> nn.ModuleList:
+            return nn.ModuleList(SandwichBlock(cfg, kit, self.ops, next(layer_ids)) for _ in range(count))
+
+        self.transformer = nn.ModuleDict(dict(
+            wte=kit.embedding(cfg.vocab_size, h, std),
+            prelude=blocks(cfg.prelude_layers),
+            # replicated under TP: its inputs and output are full-width on every rank
+            adapter=Linear(2 * h, h, std),
+            core_block=blocks(cfg.core_layers),
+            coda=blocks(cfg.coda_layers),
+            ln_f=RMSNorm(h, cfg.norm_eps, self.ops),
+        ))
+        self.emb_scale = math.sqrt(h)
+        self.state_std = takase_std(h)
+        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base),
+                             persistent=False)
+
+    # ---- the pieces of the forward pass -------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.wte(input_ids) * self.emb_scale
+
+    def initial_state(self, embedded: torch.Tensor, init_scale: float = 1.0,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        std = self.state_std * init_scale
+        state = torch.zeros_like(embedded)
+        if std > 0:
+            nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std, generator=generator)
+            state = state * self.emb_scale
+        return state
+
+    def core_step(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor,
+                  cache: Optional[KVCache] = None, step: int = 0) -> torch.Tensor:
+        """One recurrence: s <- core(adapter(concat([s, e])))."""
+        x = self.ops.injection(state, embedded, self.transformer.adapter.weight)
+        for block in self.transformer.core_block:
+            x = block(x, cos_sin, cache, step)
+        return x
+
+    def decode(self, state: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """ln_f, coda, ln_f again (the same norm module twice, as in the spec)."""
+        x = self.transformer.ln_f(state)
+        for block in self.transformer.coda:
+            x = block(x, cos_sin, cache)
+        return self.transformer.ln_f(x)
+
+    def resolve_steps(self, num_steps) -> tuple[int, int]:
+        if num_steps is None:
+            return self.config.mean_recurrence, 0
+        if isinstance(num_steps, int):
+            return num_steps, 0
+        n, k = (int(v) for v in num_steps)
+        if n < 0 or k < 0 or n + k < 1:
+            raise ValueError(f"num_steps must give at least one core iteration, got {num_steps}")
+        return n, k
+
+    # ---- the one forward ----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                num_steps=None, init_scale: float = 1.0, return_state: bool = False,
+                return_logits: bool = True, cache: Optional[KVCache] = None, position_offset: int = 0,
+                generator: Optional[torch.Generator] = None) -> ModelOutput:
+        n, k = self.resolve_steps(num_steps)
+        seq = input_ids.shape[1]
+        if position_offset + seq > self.cos_sin.shape[0]:
+            raise ValueError(f"positions up to {position_offset + seq} exceed model.max_seq_len={self.cos_sin.shape[0]}")
+        cos_sin = self.cos_sin[position_offset:position_offset + seq]
+
+        embedded = self.embed(input_ids)
+        for block in self.transformer.prelude:
+            embedded = block(embedded, cos_sin, cache)
+        state = self.initial_state(embedded, init_scale, generator)
+
+        with torch.no_grad():
+            for step in range(n):
+                state = self.core_step(state, embedded, cos_sin, cache, step)
+        for step in range(n, n + k):
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(self.core_step, state, embedded, cos_sin, cache, step, use_reentrant=False)
+            else:
+                state = self.core_step(state, embedded, cos_sin, cache, step)
+
+        x = self.decode(state, cos_sin, cache)
+        logits = loss = None
+        if return_logits or labels is not None:
+            logits = self.kit.head_logits(x, self.transformer.wte.weight)
+        if labels is not None:
+            loss = self.kit.cross_entropy(logits, labels)
+        return ModelOutput(logits=logits if return_logits else None, loss=loss,
+                           state=state if return_state else None, num_steps=(n, k))
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Re-draw every weight from the spec's init (norms to 1, q/k bias to 0)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if isinstance(module, Attention) and module.qk_bias is not None:
+                nn.init.zeros_(module.qk_bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(model: RecurrentDepthModel) -> dict[str, int]:
+    """Parameters per part and materialised at depth r (the core counted r times)."""
+    t = model.transformer
+    parts = {
+        "embedding": count_parameters(t.wte),
+        "prelude": count_parameters(t.prelude),
+        "adapter": count_parameters(t.adapter),
+        "core": count_parameters(t.core_block),
+        "coda": count_parameters(t.coda),
+        "final_norm": count_parameters(t.ln_f),
+    }
+    parts["total"] = count_parameters(model)
+    return parts
+
+
+def materialized_parameters(counts: dict[str, int], depth: int) -> int:
+    return counts["total"] - counts["core"] + depth * counts["core"]
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", kit=None, seed: Optional[int] = None) -> RecurrentDepthModel:
+    """Build on `device` ("meta" builds the shape only, without memory)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = RecurrentDepthModel(cfg, kit)
+    return model

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up everything rdp needs on a fresh Debian/Ubuntu machine (or a cluster login node):
+#   - system packages pip cannot provide, only when missing: Open MPI (mpirun + mpi4py),
+#     SLURM + munge (for the local test cluster in slurm/local_cluster.sh)
+#   - a virtual environment in .venv with torch, DeepSpeed, megatron-core, WebDataset,
+#     lm-eval, Triton, ... and rdp itself (editable), exposing the `rdp` command.
+# Environment: RDP_TORCH (default torch==2.13.0, the CPU build on this project's machines;
+# set it to e.g. "torch==2.5.1" on a cluster), RDP_SKIP_APT=1 to leave system packages alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${RDP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v mpirun >/dev/null || missing+=(openmpi-bin libopenmpi-dev)
+  command -v slurmctld >/dev/null || missing+=(slurmctld slurmd slurm-client munge libpmix2)
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "setup: installing system packages: ${missing[*]}"
+    $sudo apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+python3 -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/pip install -q --upgrade pip 2> >(grep -v "^WARNING: Location" >&2)
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${RDP_TORCH:-torch==2.13.0}" 2> >(grep -v "^WARNING: Location" >&2)
+# DS_BUILD_OPS=0: DeepSpeed JIT-builds its CUDA ops on first use instead of at install
+DS_BUILD_OPS=0 .venv/bin/pip install -q -e '.[test]' 2> >(grep -v "^WARNING: Location" >&2)
+# fail here, not in the first test, when an install step went wrong
+.venv/bin/python -W ignore -c "import torch, deepspeed, megatron.core, webdataset, lm_eval, pretrain, kernels" 2>/dev/null \
+  || { echo "setup: the environment in .venv does not import; see the pip output above" >&2; exit 1; }
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
