@@ -238,6 +238,15 @@ def materialized_parameters(counts: dict[str, int], depth: int) -> int:
     return counts["total"] - counts["core"] + depth * counts["core"]
 
 
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor],
+                          device: str | torch.device = "cpu") -> RecurrentDepthModel:
+    """A single-device model holding exactly `state` (no random init is spent on it)."""
+    model = build_model(cfg, device="meta")
+    model.load_state_dict({name: t.to(device) for name, t in state.items()}, assign=True, strict=True)
+    model.cos_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, device)
+    return model
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", kit=None, seed: Optional[int] = None) -> RecurrentDepthModel:
     """Build on `device` ("meta" builds the shape only, without memory)."""
     if seed is not None:
