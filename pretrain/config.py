@@ -141,7 +141,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         where = f" (source: {name_or_path})" if name_or_path else ""
-        raise ConfigError(f"config field {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}{where}") from None
+        raise ConfigError(f"config field {key!r}: {_first_line(exc)}{where}") from None
     validate(config)
     return config
 
@@ -151,9 +151,13 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config field {getattr(exc, 'full_key', None)!r}: {exc}") from None
+        raise ConfigError(f"config field {getattr(exc, 'full_key', None)!r}: {_first_line(exc)}") from None
     validate(config)
     return config
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

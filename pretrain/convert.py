@@ -1,0 +1,148 @@
+"""Import and export of the Huginn (huginn-0125) checkpoint layout: config.json plus
+safetensors weights, single-file or sharded with model.safetensors.index.json.
+
+Our module names are the Huginn names, so the mapping is the identity except for the
+tied head (stored again as lm_head.weight) and the stored RoPE table (ignored on import).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pretrain.config import ModelConfig, RunConfig, validate
+from pretrain.model import RecurrentDepthModel, build_model, model_from_state_dict
+
+HF_FIELDS = {  # Huginn config.json field -> ModelConfig field
+    "n_embd": "hidden_size",
+    "n_heads": "num_heads",
+    "vocab_size": "vocab_size",
+    "block_size": "max_seq_len",
+    "intermediate_size": "intermediate_size",
+    "n_layers_in_prelude": "prelude_layers",
+    "n_layers_in_recurrent_block": "core_layers",
+    "n_layers_in_coda": "coda_layers",
+    "mean_recurrence": "mean_recurrence",
+    "mean_backprop_depth": "mean_backprop_depth",
+    "rope_base": "rope_base",
+    "norm_eps": "norm_eps",
+    "qk_bias": "qk_bias",
+    "tie_embeddings": "tie_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "end_turn_token_id": "end_turn_token_id",
+}
+IGNORED_WEIGHTS = ("freqs_cis",)
+
+
+class ConversionError(ValueError):
+    user_facing = True
+
+
+def huginn_config(cfg: ModelConfig) -> dict:
+    out = {hf: getattr(cfg, ours) for hf, ours in HF_FIELDS.items()}
+    out.update({
+        "architectures": ["RavenForCausalLM"],
+        "model_type": "huginn_raven",
+        "n_layers": cfg.prelude_layers + cfg.core_layers + cfg.coda_layers,
+        "num_key_value_heads": cfg.num_heads,
+        "head_dim": cfg.head_dim,
+        "effective_expected_depth": cfg.effective_depth,
+        "init_values": {"std": (2 / (5 * cfg.hidden_size)) ** 0.5, "embed_scale": cfg.hidden_size ** 0.5},
+        "nonlin": "SiLU",
+        "norm_class_name": "RMSNorm_llama",
+        "block_class_name": "SandwichBlock",
+        "injection_type": "linear",
+        "state_init": "like-init",
+        "torch_dtype": "float32",
+    })
+    return out
+
+
+def model_config_from_huginn(data: dict, source: Path) -> ModelConfig:
+    cfg = ModelConfig()
+    for hf, ours in HF_FIELDS.items():
+        if hf in data:
+            setattr(cfg, ours, type(getattr(cfg, ours))(data[hf]))
+        elif hf in ("n_embd", "n_heads", "vocab_size", "intermediate_size"):
+            raise ConversionError(f"{source}: config.json lacks the field {hf!r}")
+    if data.get("num_key_value_heads", cfg.num_heads) != cfg.num_heads:
+        raise ConversionError(f"{source}: field 'num_key_value_heads' must equal n_heads (no GQA in this family)")
+    run = RunConfig(model=cfg)
+    run.data.seq_len = min(run.data.seq_len, cfg.max_seq_len)
+    validate(run)
+    return cfg
+
+
+def read_safetensors(directory: Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{directory}: no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
+
+
+def load_huginn(path: str | Path, device: str | torch.device = "cpu",
+                dtype: Optional[torch.dtype] = None) -> RecurrentDepthModel:
+    """A ready model from a Huginn-layout directory (config.json + safetensors)."""
+    directory = Path(path)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise ConversionError(f"{directory}: no config.json (not a Huginn-layout checkpoint)")
+    cfg = model_config_from_huginn(json.loads(config_path.read_text()), config_path)
+    state = read_safetensors(directory, dtype)
+    head = state.pop("lm_head.weight", None)
+    for key in IGNORED_WEIGHTS:
+        state.pop(key, None)
+    expected = set(build_model(cfg, device="meta").state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ConversionError(f"{directory}: weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    if head is not None and cfg.tie_embeddings and not torch.equal(head, state["transformer.wte.weight"]):
+        raise ConversionError(f"{directory}: lm_head.weight differs from transformer.wte.weight, "
+                              "but the config says tie_embeddings")
+    for name, tensor in state.items():
+        if name == "transformer.wte.weight" and tensor.shape[0] != cfg.vocab_size:
+            raise ConversionError(f"{directory}: {name} has {tensor.shape[0]} rows, config vocab_size={cfg.vocab_size}")
+    return model_from_state_dict(cfg, state, device).eval()
+
+
+def save_huginn(model: RecurrentDepthModel, path: str | Path) -> Path:
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # tied, stored twice as released
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(huginn_config(model.config), indent=2))
+    return directory
+
+
+def export_huginn(checkpoint: str | Path, output: str | Path) -> Path:
+    from pretrain.checkpoint import load_model
+
+    return save_huginn(load_model(checkpoint), output)
+
+
+def import_huginn(source: str | Path, output: str | Path) -> Path:
+    from pretrain.checkpoint import save_model_weights
+
+    model = load_huginn(source)
+    config = RunConfig(model=model.config)
+    config.data.seq_len = min(config.data.seq_len, model.config.max_seq_len)
+    save_model_weights(model, Path(output), config)
+    return Path(output)
