@@ -9,4 +9,47 @@ def build_stream(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0
         from data_pipeline.synthetic import SyntheticStream
 
         return SyntheticStream(data_cfg.seq_len, vocab_size, micro_batch_size, data_cfg.seed, rank, world_size)
-    raise ValueError(f"data.source={data_cfg.source!r} is not available yet")
+    if data_cfg.source == "webdataset":
+        from data_pipeline.stream import ShardStream
+
+        spec = stream_spec(data_cfg, vocab_size, micro_batch_size, rank, world_size)
+        return ShardStream(spec, num_workers=data_cfg.num_workers)
+    raise ValueError(f"data.source={data_cfg.source!r}: must be synthetic or webdataset")
+
+
+def stream_spec(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
+    """Read every manifest and check it against the config, naming the field that disagrees."""
+    from data_pipeline.manifest import DataError, MANIFEST_NAME, join_location, read_manifest
+    from data_pipeline.stream import StreamSpec
+    from data_pipeline.tokenizer import tokenizer_fingerprint
+
+    paths = list(data_cfg.paths)
+    if not paths:
+        raise DataError("data.paths: data.source=webdataset needs at least one shard directory or URL")
+    weights = list(data_cfg.weights) or [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise DataError(f"data.weights: {len(weights)} weights for {len(paths)} paths")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    expected_fingerprint = tokenizer_fingerprint(data_cfg.tokenizer) if data_cfg.tokenizer else None
+    manifests = []
+    for path in paths:
+        manifest = read_manifest(path)
+        where = join_location(path, MANIFEST_NAME)
+        if manifest.vocab_size != vocab_size:
+            raise DataError(f"{where}: vocab_size {manifest.vocab_size} (the tokenizer's) does not match "
+                            f"model.vocab_size {vocab_size}")
+        if manifest.seq_len != data_cfg.seq_len:
+            raise DataError(f"{where}: seq_len {manifest.seq_len} does not match data.seq_len {data_cfg.seq_len}")
+        if expected_fingerprint and manifest.tokenizer_fingerprint != expected_fingerprint:
+            raise DataError(f"{where}: tokenizer_fingerprint {manifest.tokenizer_fingerprint[:16]}... does not match "
+                            f"data.tokenizer {data_cfg.tokenizer} ({expected_fingerprint[:16]}...)")
+        if manifests and manifest.tokenizer_fingerprint != manifests[0].tokenizer_fingerprint:
+            raise DataError(f"{where}: tokenizer_fingerprint differs from {paths[0]}'s: sources made by different "
+                            f"tokenizers cannot be mixed")
+        if manifests and manifest.pad_token_id != manifests[0].pad_token_id:
+            raise DataError(f"{where}: pad_token_id {manifest.pad_token_id} differs from {paths[0]}'s")
+        manifests.append(manifest)
+    return StreamSpec(bases=paths, manifests=manifests, weights=[float(w) for w in weights], seq_len=data_cfg.seq_len,
+                      micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=data_cfg.seed,
+                      skip_corrupt=data_cfg.skip_corrupt, verify_checksums=data_cfg.verify_checksums)

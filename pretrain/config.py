@@ -68,6 +68,10 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 1234
     skip_corrupt: bool = False
+    # tokenizer .model whose sha256 every manifest must carry ("" = do not check)
+    tokenizer: str = ""
+    # check each shard's sha256 the first time a process opens it
+    verify_checksums: bool = True
 
 
 @dataclass
@@ -196,6 +200,8 @@ def validate(config: RunConfig) -> None:
                  f"{value} is outside the vocabulary [0, {m.vocab_size})")
     _require(d.source in ("synthetic", "webdataset"), "data.source",
              f"must be synthetic or webdataset, got {d.source!r}")
+    _require(d.source != "webdataset" or bool(d.paths), "data.paths",
+             "data.source=webdataset needs at least one shard directory or URL")
     _require(0 < d.seq_len <= m.max_seq_len, "data.seq_len",
              f"{d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}")
     _require(not d.weights or len(d.weights) == len(d.paths), "data.weights",

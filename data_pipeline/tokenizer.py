@@ -1,0 +1,100 @@
+"""sentencepiece BPE tokenizer training, with the model config's special-token ids.
+
+The tokenizer's fingerprint is the sha256 of its .model file; shard manifests record it and
+the stream refuses shards made by a different tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from data_pipeline.corpus import expand_inputs, file_sha256, iter_corpus
+from data_pipeline.manifest import DataError
+
+# sentencepiece drops training sentences longer than this (bytes); we cut documents into lines
+MAX_SENTENCE_BYTES = 8192
+
+
+@dataclass
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+    unk: int = 0
+
+    @classmethod
+    def huginn_layout(cls, vocab_size: int) -> "SpecialIds":
+        """huginn-0125's placement relative to the end of the vocabulary (65504/65505/65509 at 65536)."""
+        return cls(bos=vocab_size - 32, eos=vocab_size - 31, pad=vocab_size - 27)
+
+
+def tokenizer_fingerprint(model_path: str) -> str:
+    return file_sha256(model_path)
+
+
+def _training_sentences(files: list[str], text_field: str, max_sentences: int) -> Iterator[str]:
+    count = 0
+    for document in iter_corpus(files, text_field):
+        for line in document.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", "ignore")
+            count += 1
+            if count >= max_sentences:
+                return
+
+
+def train_tokenizer(inputs: list[str], vocab_size: int, output: str, ids: SpecialIds | None = None,
+                    text_field: str = "text", max_sentences: int = 2_000_000, seed: int = 0,
+                    num_threads: int = 2) -> dict:
+    """Train a BPE model with byte fallback on (a sample of) the corpus; write FILE and FILE.json."""
+    import sentencepiece as spm
+
+    ids = ids or SpecialIds.huginn_layout(vocab_size)
+    for name in ("bos", "eos", "pad", "unk"):
+        value = getattr(ids, name)
+        if not 0 <= value < vocab_size:
+            raise DataError(f"tokenizer {name}_id {value} is outside the vocabulary [0, {vocab_size})")
+    if len({ids.bos, ids.eos, ids.pad, ids.unk}) != 4:
+        raise DataError(f"tokenizer special ids must differ: {ids}")
+    if vocab_size < 256 + 4:
+        raise DataError(f"--vocab-size {vocab_size}: byte fallback needs at least 260 entries")
+    files = expand_inputs(inputs)
+    prefix = output[:-len(".model")] if output.endswith(".model") else output
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(files, text_field, max_sentences),
+            model_prefix=prefix, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+            bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad, unk_id=ids.unk,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            max_sentence_length=MAX_SENTENCE_BYTES, character_coverage=0.9995,
+            split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            normalization_rule_name="identity", num_threads=num_threads, minloglevel=2)
+    except RuntimeError as exc:
+        raise DataError(f"sentencepiece training on {len(files)} file(s) failed: {exc}") from None
+    model_path = prefix + ".model"
+    info = {"model": os.path.basename(model_path), "fingerprint": tokenizer_fingerprint(model_path),
+            "vocab_size": vocab_size, "bos_token_id": ids.bos, "eos_token_id": ids.eos,
+            "pad_token_id": ids.pad, "unk_token_id": ids.unk, "byte_fallback": True,
+            "sources": files}
+    with open(prefix + ".json", "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
+    return info
+
+
+def load_tokenizer(model_path: str):
+    import sentencepiece as spm
+
+    if not os.path.exists(model_path):
+        raise DataError(f"tokenizer {model_path}: no such file")
+    try:
+        return spm.SentencePieceProcessor(model_file=model_path)
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"tokenizer {model_path}: not a sentencepiece model ({exc})") from None
