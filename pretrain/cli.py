@@ -28,6 +28,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("output", help="to-huginn: Huginn dir; from-huginn: checkpoint dir")
     convert.set_defaults(handler=run_convert)
 
+    flops = commands.add_parser("flops", help="FLOPs per token and per parameter by depth; training cost plan")
+    flops.add_argument("config")
+    flops.add_argument("overrides", nargs="*", metavar="key=value")
+    flops.add_argument("--seq-len", type=int, default=None, help="default: the config's model.max_seq_len")
+    flops.add_argument("--depths", default="1,4,8,16,32,64", help="comma-separated test-time depths")
+    flops.add_argument("--json", action="store_true")
+    flops.add_argument("--plan", action="store_true", help="print total FLOPs, days and GPU-hours of a run")
+    flops.add_argument("--tokens", type=float, default=800e9)
+    flops.add_argument("--gpus", type=int, default=4096)
+    flops.add_argument("--gpu", default="h100", help="h100, h200, a100 or mi250x")
+    flops.add_argument("--mfu", type=float, default=0.4)
+    flops.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s for other devices")
+    flops.set_defaults(handler=run_flops)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from pretrain.train import train
@@ -73,4 +87,38 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         convert.import_huginn(args.source, args.output)
     print(f"wrote {args.output}")
+    return 0
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from pretrain.flops import flops_report, plan_training
+
+    config = load_config(args.config, args.overrides)
+    try:
+        depths = [int(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise ValueError(f"--depths {args.depths!r}: expected comma-separated integers") from None
+    report = flops_report(config.model, depths, args.seq_len)
+    if args.plan:
+        plan = plan_training(config.model, args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.peak_flops)
+        report["plan"] = {"tokens": args.tokens, "gpus": args.gpus, "gpu": args.gpu, "mfu": args.mfu,
+                          "total_flops": plan.total_flops, "days": plan.days, "gpu_hours": plan.gpu_hours}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.config}: {report['params_total']:,} parameters, sequence length {report['seq_len']}")
+    print(f"{'depth':>5} {'materialised params':>20} {'fwd FLOPs/token':>16} {'(causal)':>10} "
+          f"{'FLOPs/param':>12} {'FLOPs/mat. param':>17}")
+    for r in depths:
+        print(f"{r:>5} {report['params_materialized'][r]:>20,} {report['forward_flops_per_token'][r]:>16.4g} "
+              f"{report['forward_flops_per_token_causal'][r]:>10.4g} {report['flops_per_param'][r]:>12.2f} "
+              f"{report['flops_per_materialized_param'][r]:>17.2f}")
+    for nk, value in report["train_flops_per_token"].items():
+        print(f"train FLOPs/token at (n, k) = ({nk}): {value:.4g}")
+    print(f"train FLOPs/token, expected over the depth sampler: {report['train_flops_per_token_expected']:.4g} "
+          f"(with recompute: {report['train_flops_per_token_expected_with_recompute']:.4g}; 6N = {report['six_n_per_token']:.4g})")
+    if args.plan:
+        p = report["plan"]
+        print(f"plan: {p['tokens']:.3g} tokens on {p['gpus']} x {p['gpu']} at MFU {p['mfu']}: "
+              f"{p['total_flops']:.3g} FLOPs, {p['days']:.1f} days, {p['gpu_hours']:,.0f} GPU-hours")
     return 0

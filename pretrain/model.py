@@ -62,6 +62,14 @@ class Attention(nn.Module):
         self.Wqkv = kit.column_linear(h, 3 * h, std, interleave=3)
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.local_heads, self.head_dim)) if cfg.qk_bias else None
         self.proj = kit.row_linear(h, h, std / math.sqrt(2 * cfg.effective_depth))
+        self.hidden_size = h
+
+    def flops_per_token(self, seq_len: int, causal_skip: bool = False) -> int:
+        """Forward matmul FLOPs per token (all heads, whole model width, any TP degree).
+        Attention scores and values count full S x S products unless `causal_skip`."""
+        h = self.hidden_size
+        keys = (seq_len + 1) / 2 if causal_skip else seq_len
+        return 2 * h * 3 * h + 2 * h * h + int(2 * 2 * keys * h)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None,
                 cache_key: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -69,9 +77,15 @@ class Attention(nn.Module):
         q, k, v = self.Wqkv(x).view(batch, seq, 3, self.local_heads, self.head_dim).unbind(2)
         q, k = self.ops.bias_rope(q, k, self.qk_bias, cos_sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = None
         if cache is not None:
             k, v = cache.update(cache_key, k, v)
-        y = self.ops.attention(q, k, v, causal=True)
+            # a cache serving a left-padded batch hides the pad keys (evals/cache.py)
+            mask = cache.attention_mask(seq, k.shape[-2]) if hasattr(cache, "attention_mask") else None
+        if mask is None:
+            y = self.ops.attention(q, k, v, causal=True)
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
 
 
@@ -82,6 +96,10 @@ class GatedMLP(nn.Module):
         self.ops = ops
         self.fc = kit.column_linear(h, 2 * cfg.intermediate_size, std, interleave=2)  # [gate | up]
         self.proj = kit.row_linear(cfg.intermediate_size, h, std / math.sqrt(2 * cfg.effective_depth))
+        self.flops = 2 * h * 2 * cfg.intermediate_size + 2 * cfg.intermediate_size * h
+
+    def flops_per_token(self) -> int:
+        return self.flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ops.silu_mul(self.fc(x)))
@@ -97,6 +115,9 @@ class SandwichBlock(nn.Module):
             RMSNorm(cfg.hidden_size, cfg.norm_eps, ops) for _ in range(4))
         self.attn = Attention(cfg, kit, ops)
         self.mlp = GatedMLP(cfg, kit, ops)
+
+    def flops_per_token(self, seq_len: int, causal_skip: bool = False) -> int:
+        return self.attn.flops_per_token(seq_len, causal_skip) + self.mlp.flops_per_token()
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None,
                 step: int = 0) -> torch.Tensor:
@@ -204,6 +225,17 @@ class RecurrentDepthModel(nn.Module):
                            state=state if return_state else None, num_steps=(n, k))
 
     # ---- bookkeeping ----------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int, causal_skip: bool = False) -> dict[str, int]:
+        """Forward matmul FLOPs per token of each part; the core and adapter once (one iteration)."""
+        t, cfg = self.transformer, self.config
+
+        def blocks(group) -> int:
+            return sum(block.flops_per_token(seq_len, causal_skip) for block in group)
+
+        return {"prelude": blocks(t.prelude), "core": blocks(t.core_block),
+                "adapter": 2 * 2 * cfg.hidden_size * cfg.hidden_size, "coda": blocks(t.coda),
+                "head": 2 * cfg.hidden_size * cfg.vocab_size}
+
     def reset_parameters(self) -> None:
         """Re-draw every weight from the spec's init (norms to 1, q/k bias to 0)."""
         for module in self.modules():

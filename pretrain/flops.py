@@ -1,0 +1,140 @@
+"""FLOPs accounting for recurrent depth: per depth, per training step (n, k), in
+expectation over the depth sampler, and the MFU that follows from them.
+
+The usual 6N per token is wrong here by an order of magnitude: the core block's
+parameters are used r times per token. Everything is counted from the blocks' own
+`flops_per_token` (matmuls only, as torch's FlopCounterMode counts them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from pretrain.config import ModelConfig
+from pretrain.sampler import DepthSampler
+
+# dense bf16 peak per device (per die for MI250X), FLOP/s
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "mi250x": 191.5e12}
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Forward FLOPs per token of each part; core and adapter for one iteration."""
+
+    prelude: int
+    core: int
+    adapter: int
+    coda: int
+    head: int
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seq_len: Optional[int] = None, causal_skip: bool = False) -> "FlopsModel":
+        from pretrain.model import build_model
+
+        model = build_model(cfg, device="meta")
+        return cls(**model.flops_per_token(seq_len or cfg.max_seq_len, causal_skip))
+
+    @property
+    def outside_core(self) -> int:
+        return self.prelude + self.coda + self.head
+
+    @property
+    def per_iteration(self) -> int:
+        return self.core + self.adapter
+
+    def forward(self, depth: int) -> int:
+        return self.outside_core + depth * self.per_iteration
+
+    def train(self, n: int, k: int, recompute: bool = False) -> int:
+        """n no-grad iterations (forward only), k grad iterations (forward + 2x backward),
+        plus one more forward of each grad iteration when activation checkpointing recomputes it."""
+        backward = 2 * (self.outside_core + k * self.per_iteration)
+        return self.forward(n + k) + backward + (k * self.per_iteration if recompute else 0)
+
+    def expected_train(self, sampler: DepthSampler, recompute: bool = False) -> float:
+        """E[train FLOPs] over the sampler's distribution of depths (not at the mean depth)."""
+        s = sampler.backprop_depth
+        return sum(prob * self.train(max(p - s, 0), min(s, p), recompute)
+                   for p, prob in sampler.distribution().items())
+
+
+def device_peak_flops(override: float = 0.0) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of this process's device: the configured value, else the table."""
+    if override > 0:
+        return override
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def throughput_metrics(flops: FlopsModel, n: int, k: int, tokens: int, seconds: float, recompute: bool,
+                       peak: Optional[float], world_size: int = 1) -> dict:
+    """Per-device model FLOP/s, MFU and hardware FLOPs utilisation (recompute counted) of one step."""
+    model_rate = flops.train(n, k) * tokens / seconds / world_size
+    hardware_rate = flops.train(n, k, recompute) * tokens / seconds / world_size
+    record = {"model_flops_per_s": model_rate, "hardware_flops_per_s": hardware_rate}
+    if peak:
+        record.update(mfu=model_rate / peak, hfu=hardware_rate / peak)
+    return record
+
+
+def flops_report(cfg: ModelConfig, depths: list[int], seq_len: Optional[int] = None) -> dict:
+    from pretrain.model import build_model, materialized_parameters, parameter_counts
+
+    seq_len = seq_len or cfg.max_seq_len
+    counts = parameter_counts(build_model(cfg, device="meta"))
+    full = FlopsModel.from_config(cfg, seq_len)
+    causal = FlopsModel.from_config(cfg, seq_len, causal_skip=True)
+    sampler = DepthSampler.from_config(cfg, seed=0)
+    recompute = cfg.activation_checkpointing
+    materialized = {r: materialized_parameters(counts, r) for r in depths}
+    forward = {r: full.forward(r) for r in depths}
+    return {
+        "seq_len": seq_len,
+        "params_total": counts["total"],
+        "params_by_part": {k: v for k, v in counts.items() if k != "total"},
+        "params_materialized": materialized,
+        "forward_flops_per_token": forward,
+        "forward_flops_per_token_causal": {r: causal.forward(r) for r in depths},
+        "flops_per_param": {r: forward[r] / counts["total"] for r in depths},
+        "flops_per_materialized_param": {r: forward[r] / materialized[r] for r in depths},
+        "train_flops_per_token": {f"{n},{k}": full.train(n, k, recompute) for n, k in _training_points(cfg)},
+        "train_flops_per_token_expected": full.expected_train(sampler),
+        "train_flops_per_token_expected_with_recompute": full.expected_train(sampler, recompute=True),
+        "activation_checkpointing": recompute,
+        "six_n_per_token": 6 * counts["total"],
+    }
+
+
+def _training_points(cfg: ModelConfig) -> list[tuple[int, int]]:
+    k = cfg.mean_backprop_depth
+    return [(0, k), (max(cfg.mean_recurrence - k, 0), k), (max(2 * cfg.mean_recurrence - k, 0), k)]
+
+
+@dataclass
+class TrainingPlan:
+    total_flops: float
+    seconds: float
+    gpu_hours: float
+
+    @property
+    def days(self) -> float:
+        return self.seconds / 86400
+
+
+def plan_training(cfg: ModelConfig, tokens: float, gpus: int, gpu: str, mfu: float,
+                  seq_len: Optional[int] = None, peak: float = 0.0) -> TrainingPlan:
+    if gpu.lower() not in PEAK_FLOPS and peak <= 0:
+        raise ValueError(f"--gpu {gpu!r}: unknown device (known: {', '.join(PEAK_FLOPS)}); give --peak-flops")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    per_token = FlopsModel.from_config(cfg, seq_len).expected_train(DepthSampler.from_config(cfg, seed=0))
+    total = per_token * tokens
+    seconds = total / (gpus * (peak or PEAK_FLOPS[gpu.lower()]) * mfu)
+    return TrainingPlan(total_flops=total, seconds=seconds, gpu_hours=seconds * gpus / 3600)
