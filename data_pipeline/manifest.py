@@ -47,6 +47,7 @@ class Manifest:
     total_tokens: int  # corpus tokens including the EOS after each document
     padding_tokens: int
     dropped_tokens: int
+    tokenizer: str = ""  # the .model path given to the writer (inspect decodes with it)
     sources: list[dict[str, Any]] = field(default_factory=list)
     shards: list[ShardEntry] = field(default_factory=list)
     format_version: int = FORMAT_VERSION

@@ -206,7 +206,7 @@ def write_shards(inputs: list[str], tokenizer_path: str, output_dir: str, option
         raise DataError(f"inputs {inputs}: no documents with text")
     manifest = Manifest(
         seq_len=options.seq_len, dtype=dtype, vocab_size=vocab_size,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path), tokenizer=tokenizer_path,
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, mode=options.mode,
         total_tokens=packer.total_tokens, padding_tokens=packer.padding_tokens,
         dropped_tokens=packer.dropped_tokens,
