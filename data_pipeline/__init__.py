@@ -14,6 +14,11 @@ def build_stream(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0
 
         spec = stream_spec(data_cfg, vocab_size, micro_batch_size, rank, world_size)
         return ShardStream(spec, num_workers=data_cfg.num_workers)
+    if data_cfg.source.startswith("reasoning:"):  # evals' synthetic reasoning tasks
+        from evals.reasoning import ReasoningStream
+
+        return ReasoningStream(data_cfg.source.split(":", 1)[1], data_cfg.seq_len, vocab_size, micro_batch_size,
+                               data_cfg.seed, rank, world_size)
     raise ValueError(f"data.source={data_cfg.source!r}: must be synthetic or webdataset")
 
 

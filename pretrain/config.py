@@ -198,8 +198,8 @@ def validate(config: RunConfig) -> None:
         value = getattr(m, name)
         _require(0 <= value < m.vocab_size, f"model.{name}",
                  f"{value} is outside the vocabulary [0, {m.vocab_size})")
-    _require(d.source in ("synthetic", "webdataset"), "data.source",
-             f"must be synthetic or webdataset, got {d.source!r}")
+    _require(d.source in ("synthetic", "webdataset") or d.source.startswith("reasoning:"), "data.source",
+             f"must be synthetic, webdataset or reasoning:<task>, got {d.source!r}")
     _require(d.source != "webdataset" or bool(d.paths), "data.paths",
              "data.source=webdataset needs at least one shard directory or URL")
     _require(0 < d.seq_len <= m.max_seq_len, "data.seq_len",
