@@ -1,12 +1,31 @@
-"""Checkpoint layout and loading.
+"""Checkpoint layout, integrity and loading.
 
-    RUN_DIR/checkpoints/step_000040/   model.safetensors (consolidated full weights),
-                                       trainer_state.pt, config.yaml
-    RUN_DIR/checkpoints/latest         name of the newest complete checkpoint
+    RUN_DIR/checkpoints/step_00000040/
+        global_step40/ ...            DeepSpeed's sharded model + optimizer state (per TP rank,
+                                      per ZeRO partition)
+        model.safetensors             consolidated full fp32 weights (single-device layout)
+        config.yaml                   the run's resolved config
+        trainer_state.json            step, tokens seen, data position, sampler seed, ...
+        rng/rank_00000.pt             each rank's RNG states
+        manifest.json                 size of every file above (+ sha256 of the small ones);
+                                      written last: a checkpoint without it is incomplete
+    RUN_DIR/checkpoints/latest        name of the newest published checkpoint
+    RUN_DIR/checkpoints/.tmp-step_*   a checkpoint being written (never read)
+
+A checkpoint is written under its temporary name, then renamed, then "latest" is moved, so a
+crash at any moment leaves the previous checkpoint intact and pointed to. Loading checks the
+manifest and falls back to the next older checkpoint, with a warning naming the broken one.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,34 +36,219 @@ from pretrain.model import RecurrentDepthModel, model_from_state_dict
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 LATEST_POINTER = "latest"
+MANIFEST_FILE = "manifest.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+STAGING_PREFIX = ".tmp-"
+CHECKPOINT_DIR = "checkpoints"
+# hashing tens of GB at every save would stall training; sizes catch truncation, hashes
+# catch corruption of the small files that steer a resume
+HASH_LIMIT_BYTES = 64 * 2**20
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    user_facing = True
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(path: str | Path) -> Optional[int]:
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+# ---- integrity -----------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size (and hash when small); written last, atomically."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        size = path.stat().st_size
+        entry = {"size": size}
+        if size <= HASH_LIMIT_BYTES:
+            entry["sha256"] = _sha256(path)
+        files[path.relative_to(directory).as_posix()] = entry
+    temporary = directory / f".{MANIFEST_FILE}.tmp"
+    temporary.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(temporary, directory / MANIFEST_FILE)
+
+
+def verify_checkpoint(directory: Path) -> Optional[str]:
+    """None if complete and intact, else what is wrong."""
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.exists():
+        return f"no {MANIFEST_FILE} (incomplete write)"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable {MANIFEST_FILE}: {exc}"
+    for name, entry in files.items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, the manifest recorded {entry['size']} (truncated or overwritten)"
+        if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its recorded sha256 (corrupted)"
+    return None
+
+
+# ---- finding checkpoints ---------------------------------------------------------------------
+def _checkpoint_root(path: Path) -> Optional[Path]:
+    """A run dir or its checkpoints dir -> the checkpoints dir."""
+    for candidate in (path / CHECKPOINT_DIR, path):
+        if candidate.is_dir() and ((candidate / LATEST_POINTER).exists() or any(candidate.glob("step_*"))):
+            return candidate
+    return None
+
+
+def published_checkpoints(root: Path) -> list[Path]:
+    """Published checkpoint dirs, newest first (the "latest" pointer's target first)."""
+    found = sorted((p for p in root.glob("step_*") if p.is_dir() and checkpoint_step(p) is not None),
+                   key=checkpoint_step, reverse=True)
+    pointer = root / LATEST_POINTER
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
+
+
+def newest_valid_checkpoint(root: Path) -> Optional[Path]:
+    """The newest intact checkpoint under `root`, warning about each broken one skipped."""
+    for candidate in published_checkpoints(root):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        warnings.warn(f"checkpoint {candidate} is unusable ({problem}); falling back to the previous one",
+                      stacklevel=2)
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir, its checkpoints/ dir or one checkpoint dir -> the checkpoint dir."""
+    """A run dir, its checkpoints/ dir or one checkpoint dir -> an intact checkpoint dir."""
     path = Path(path)
     if (path / WEIGHTS_FILE).exists():
+        problem = verify_checkpoint(path) if (path / MANIFEST_FILE).exists() else None
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
         return path
-    for candidate in (path / "checkpoints", path):
-        pointer = candidate / LATEST_POINTER
-        if pointer.exists():
-            return candidate / pointer.read_text().strip()
-    raise FileNotFoundError(f"{path}: not a checkpoint, checkpoints dir or run dir "
-                            f"(no {WEIGHTS_FILE} and no checkpoints/{LATEST_POINTER})")
+    root = _checkpoint_root(path)
+    found = newest_valid_checkpoint(root) if root else None
+    if found is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint, checkpoints dir or run dir with an intact checkpoint "
+                                f"(no {WEIGHTS_FILE}, and no complete checkpoints/step_*)")
+    return found
 
 
-def save_model_weights(model: RecurrentDepthModel, directory: Path, config: RunConfig) -> None:
+# ---- writing ---------------------------------------------------------------------------------
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f"{STAGING_PREFIX}{checkpoint_name(step)}"
+
+
+def publish(staging: Path, root: Path, step: int) -> Path:
+    """Rename a fully written staging dir into place, then move "latest" (last)."""
+    write_manifest(staging)
+    final = root / checkpoint_name(step)
+    if final.exists():  # a re-run of the same step (e.g. after a restart) replaces it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer = root / f".{LATEST_POINTER}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST_POINTER)
+    _fsync_dir(root)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Keep the newest `keep_last` plus every `keep_every`-th step; remove the rest and
+    stale staging dirs. Returns what was removed."""
+    steps = sorted(checkpoint_step(p) for p in root.glob("step_*") if checkpoint_step(p) is not None)
+    keep = set(steps[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
+    removed = [root / checkpoint_name(s) for s in steps if s not in keep]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def remove_stale_staging(root: Path) -> None:
+    for path in root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_model_weights(model: torch.nn.Module, directory: Path, config: RunConfig,
+                       state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Consolidated single-device weights + config: what `load_model` and export read."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
+    state = state if state is not None else model.state_dict()
+    tensors = {name: t.detach().float().contiguous().cpu() if t.is_floating_point() else t.detach().contiguous().cpu()
+               for name, t in state.items() if not name.endswith("_extra_state")}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(to_yaml(config))
 
 
+def write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def read_trainer_state(directory: Path) -> dict:
+    return json.loads((directory / TRAINER_STATE_FILE).read_text())
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecurrentDepthModel:
-    """A ready single-device model from a training checkpoint of this project."""
+    """A ready single-device model from a run dir, its checkpoints/ dir or one checkpoint dir
+    (the newest intact checkpoint; tensor-parallel and ZeRO runs included: their weights are
+    consolidated at save time)."""
     directory = resolve_checkpoint(path)
     config = load_config(directory / CONFIG_FILE)
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))

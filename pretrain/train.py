@@ -1,26 +1,41 @@
-"""The training loop: (n, k) = sampler(step); loss = model(batch, num_steps=(n, k));
-backward; clip; step. Single process here; the distributed engine builds on it."""
+"""The training loop on a DeepSpeed engine over megatron-core tensor-parallel layers:
+(n, k) = sampler(step); loss = model(batch, num_steps=(n, k)); backward; step.
+
+The same code runs as one process on a laptop and as thousands of ranks under torchrun,
+the deepspeed launcher, mpirun or srun (launch.env finds out which). Everything a resume
+needs is in the checkpoint or a pure function of the step: the depth draw (sampler), the
+learning rate (lr_factor) and the random initial state (seeded by the global index of the
+micro-batch's first sample), so a resumed run repeats an uninterrupted one bit for bit on
+CPU, and even on another data-parallel size it sees the same samples in the same order.
+"""
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import build_stream
-from pretrain.checkpoint import (CONFIG_FILE, LATEST_POINTER, checkpoint_name, resolve_checkpoint,
-                                 save_model_weights)
-from pretrain.config import RunConfig, to_yaml
-from pretrain.model import RecurrentDepthModel, build_model
+from launch.distributed import MegatronMPU, init_distributed
+from pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE, CheckpointError,
+                                 newest_valid_checkpoint, prune, publish, read_trainer_state,
+                                 remove_stale_staging, resolve_checkpoint, rng_state, save_model_weights,
+                                 set_rng_state, staging_dir, write_json)
+from pretrain.config import RunConfig, to_dict, to_yaml
+from pretrain.engine import GradientWatch, build_engine, full_fp32_parameters, lr_factor, set_lr
+from pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from pretrain.sampler import DepthSampler
 
-TRAINER_STATE_FILE = "trainer_state.pt"
+FINISHED_MARKER = "FINISHED"  # the SLURM chain (slurm/render.py) stops resubmitting once it exists
+METRICS_FILE = "metrics.jsonl"
+DEEPSPEED_TAG = "deepspeed"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainingError(RuntimeError):
@@ -33,193 +48,287 @@ class TrainResult:
     final_step: int
     losses: list[float] = field(default_factory=list)
     eval_losses: dict[int, float] = field(default_factory=dict)
+    stopped_by_signal: bool = False
+    is_main: bool = True
 
 
-def no_decay(name: str) -> bool:
-    # the spec decays matrices and the embedding, never norms or biases
-    return "norm" in name or "ln_f" in name or "bias" in name
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    t = cfg.train
-    decay = [p for n, p in model.named_parameters() if not no_decay(n)]
-    plain = [p for n, p in model.named_parameters() if no_decay(n)]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
-
-
-def lr_factor(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up, then constant or cosine down to min_lr_ratio at max_steps."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def autocast(cfg: RunConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+def noise_seed(seed: int, first_sample: int) -> int:
+    """Seed of the initial-state noise of the micro-batch starting at global sample
+    `first_sample`: the same on every TP rank, independent of the DP size and of resumes."""
+    return int(np.random.SeedSequence([seed, first_sample]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, device: str | torch.device = "cpu", progress: bool = True):
+    def __init__(self, config: RunConfig, progress: bool = True):
         self.config = config
-        self.device = torch.device(device)
-        self.progress = progress
-        self.run_dir = Path(config.train.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.model: RecurrentDepthModel = build_model(config.model, self.device, seed=config.train.seed)
-        self.optimizer = build_optimizer(self.model, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
-        self.sampler = DepthSampler.from_config(config.model, config.train.seed)
-        self.stream = build_stream(config.data, config.model.vocab_size, config.train.micro_batch_size)
-        self.step = 0
-        self.tokens_seen = 0
-        self.bad_steps_in_row = 0
-        self.skipped_steps = 0
+        p, t = config.parallel, config.train
+        self.ctx = init_distributed(p.tensor_parallel, p.backend)
+        check_tensor_parallel(config.model, p.tensor_parallel, self.ctx.world_size)
+        self.device = self.ctx.device
+        self.progress = progress and self.ctx.is_main
+        self.run_dir = Path(t.run_dir)
+        self.ckpt_root = self.run_dir / CHECKPOINT_DIR
 
-    # ---- checkpoints ----------------------------------------------------------------------
+        model = build_parallel_model(config.model, seed=t.seed, device=self.device)
+        self.specs = shard_specs(model)
+        self.engine, self.optimizer = build_engine(model, config, self.ctx.dp_size, MegatronMPU())
+        self._keep_rope_in_fp32()
+        self.watch = GradientWatch(self.engine.module)
+        self.sampler = DepthSampler.from_config(config.model, t.seed)
+        self.stream = build_stream(config.data, config.model.vocab_size, t.micro_batch_size,
+                                   rank=self.ctx.dp_rank, world_size=self.ctx.dp_size)
+        torch.manual_seed(t.seed + self.ctx.rank)
+        self.step = 0
+        self.samples_seen = 0  # global: all DP ranks together
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_steps_in_row = 0
+        self._signalled = False
+
+    def _keep_rope_in_fp32(self) -> None:
+        # DeepSpeed's bf16 mode casts every buffer; the spec computes RoPE in fp32
+        from kernels.reference import rope_cos_sin
+
+        m, module = self.config.model, self.engine.module
+        module.cos_sin = rope_cos_sin(m.head_dim, m.max_seq_len, m.rope_base, self.device)
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def train_step(self) -> dict:
+        t = self.config.train
+        n, k = self.sampler(self.step)
+        lr = t.lr * lr_factor(self.step, self.config)
+        set_lr(self.optimizer, lr)
+        self.engine.train()
+        mb, dp = t.micro_batch_size, self.ctx.dp_size
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(t.grad_accum_steps):
+            first = self.samples_seen + self.ctx.dp_rank * mb
+            inputs, labels = (x.to(self.device) for x in self.stream.next_batch())
+            generator = torch.Generator(self.device).manual_seed(noise_seed(t.seed, first))
+            loss = self.engine(inputs, labels=labels, num_steps=(n, k), return_logits=False, generator=generator).loss
+            self.engine.backward(loss)
+            loss_sum += loss.detach().double()
+            self.samples_seen += dp * mb
+            self.tokens_seen += dp * inputs.numel()
+            if micro == t.grad_accum_steps - 1:
+                # one collective decides for all ranks: mean loss, any non-finite, any stop request
+                bad = self.watch.bad_local(self.device) | ~torch.isfinite(loss_sum)
+                verdict = torch.stack([loss_sum / t.grad_accum_steps, bad.double(),
+                                       torch.tensor(float(self._signalled), dtype=torch.float64, device=self.device)])
+                dist.all_reduce(verdict)
+                skip, stop = bool(verdict[1] > 0), bool(verdict[2] > 0)
+                self.optimizer.skip = skip
+                grad_norm = self._stage0_grad_norm()
+            self.engine.step()
+        self.optimizer.skip = False
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        if skip:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+            if self.bad_steps_in_row >= t.max_bad_steps:
+                raise TrainingError(
+                    f"step {self.step}: loss or gradient non-finite for {self.bad_steps_in_row} steps in a row "
+                    f"(train.max_bad_steps={t.max_bad_steps}); stopping without checkpointing this state "
+                    f"(the last checkpoint, if any, is intact)")
+        else:
+            self.bad_steps_in_row = 0
+        mean_loss = float(verdict[0]) / self.ctx.world_size
+        return {"step": self.step, "loss": mean_loss, "tokens": self.tokens_seen, "n": n, "k": k, "lr": lr,
+                "grad_norm": float("nan") if skip or grad_norm is None else float(grad_norm),
+                "skipped": skip, "skipped_total": self.skipped_steps, "data_position": self.samples_seen,
+                "stop_requested": stop}
+
+    def _stage0_grad_norm(self):
+        """DeepSpeed reports the norm itself for ZeRO and bf16; plain fp32 stage 0 clips with
+        it but throws it away, so take it here (same TP-aware formula, before clipping)."""
+        if self.config.parallel.zero_stage > 0 or self.config.train.precision == "bf16":
+            return None
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        # max_norm=inf: measure only (scales by exactly 1); DeepSpeed clips in engine.step()
+        return clip_grad_norm_(list(self.engine.module.parameters()), float("inf"), mpu=MegatronMPU())
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        t = self.config.train
+        return {"step": self.step, "tokens_seen": int(self.tokens_seen), "samples_seen": int(self.samples_seen),
+                "data": self.stream.state_dict(), "sampler_seed": self.sampler.seed,
+                "skipped_steps": self.skipped_steps, "bad_steps_in_row": self.bad_steps_in_row,
+                "world_size": self.ctx.world_size, "tensor_parallel": self.ctx.tp_size,
+                "data_parallel": self.ctx.dp_size, "zero_stage": self.config.parallel.zero_stage,
+                "precision": t.precision, "config": to_dict(self.config)}
+
     def save_checkpoint(self) -> Path:
-        """Write under a temporary name, publish by rename, move "latest" last."""
-        final = self.ckpt_dir / checkpoint_name(self.step)
-        staging = self.ckpt_dir / f".tmp-{final.name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_model_weights(self.model, staging, self.config)
-        torch.save({
-            "step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "data": self.stream.state_dict(), "sampler_seed": self.sampler.seed,
-            "rng": {"torch": torch.get_rng_state()},
-        }, staging / TRAINER_STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        pointer = self.ckpt_dir / f".{LATEST_POINTER}.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, self.ckpt_dir / LATEST_POINTER)
-        self._prune_checkpoints()
+        staging = staging_dir(self.ckpt_root, self.step)
+        if self.ctx.is_main:
+            remove_stale_staging(self.ckpt_root)
+            (staging / "rng").mkdir(parents=True)
+        dist.barrier()
+        full = gather_full_state_dict(full_fp32_parameters(self.engine), self.specs)
+        finite = torch.tensor([all(bool(torch.isfinite(v).all()) for v in full.values())], dtype=torch.float64,
+                              device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite.item()):
+            raise TrainingError(f"step {self.step}: weights are non-finite; refusing to checkpoint this state")
+        client = self.client_state()
+        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, client_state={"trainer": client},
+                                    save_latest=False)
+        torch.save(rng_state(), staging / "rng" / f"rank_{self.ctx.rank:05d}.pt")
+        dist.barrier()
+        final = self.ckpt_root / staging.name.removeprefix(".tmp-")
+        if self.ctx.is_main:
+            save_model_weights(None, staging, self.config, state=full)
+            write_json(staging / TRAINER_STATE_FILE, client)
+            final = publish(staging, self.ckpt_root, self.step)
+            prune(self.ckpt_root, self.config.train.keep_last, self.config.train.keep_every)
+        dist.barrier()
         return final
 
-    def _prune_checkpoints(self) -> None:
-        t = self.config.train
-        steps = sorted(int(p.name.split("_")[1]) for p in self.ckpt_dir.glob("step_*"))
-        keep = set(steps[-t.keep_last:]) | {s for s in steps if t.keep_every and s % t.keep_every == 0}
-        for s in steps:
-            if s not in keep:
-                shutil.rmtree(self.ckpt_dir / checkpoint_name(s), ignore_errors=True)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        directory = resolve_checkpoint(path)
-        self.model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
-        state = torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
+    def load_checkpoint(self, directory: Path) -> None:
+        if not (directory / TRAINER_STATE_FILE).exists():
+            raise CheckpointError(f"{directory}: has no {TRAINER_STATE_FILE}; only checkpoints written by "
+                                  f"`rdp train` can be resumed (weights alone cannot restore the optimizer)")
+        state = read_trainer_state(directory)
+        p = self.config.parallel
+        if state["tensor_parallel"] != self.ctx.tp_size:
+            raise CheckpointError(f"{directory}: written with parallel.tensor_parallel={state['tensor_parallel']}, "
+                                  f"this run has {self.ctx.tp_size}; resume with the same TP degree")
+        if state["zero_stage"] != p.zero_stage:
+            raise CheckpointError(f"{directory}: written with parallel.zero_stage={state['zero_stage']}, "
+                                  f"this run has {p.zero_stage}; resume with the same ZeRO stage")
+        if p.zero_stage == 3 and state["data_parallel"] != self.ctx.dp_size:
+            raise CheckpointError(f"{directory}: ZeRO-3 state of {state['data_parallel']} data-parallel ranks cannot "
+                                  f"be loaded on {self.ctx.dp_size}; use ZeRO 0-2 to change the DP size")
+        if state["precision"] != self.config.train.precision:
+            raise CheckpointError(f"{directory}: written with train.precision={state['precision']}, "
+                                  f"this run has {self.config.train.precision}")
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"{directory}: DeepSpeed could not load {DEEPSPEED_TAG}/")
+        self._keep_rope_in_fp32()
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped_steps, self.bad_steps_in_row = int(state["skipped_steps"]), int(state["bad_steps_in_row"])
+        self.stream.load_state_dict(state["data"])
+        rng_file = directory / "rng" / f"rank_{self.ctx.rank:05d}.pt"
+        if rng_file.exists() and state["world_size"] == self.ctx.world_size:
+            set_rng_state(torch.load(rng_file, weights_only=False))
 
     def maybe_resume(self) -> None:
         resume = self.config.train.resume
         if resume == "none":
             return
         if resume == "auto":
-            if not (self.ckpt_dir / LATEST_POINTER).exists():
+            directory = newest_valid_checkpoint(self.ckpt_root) if self.ckpt_root.exists() else None
+            if directory is None:
                 return
-            resume = str(self.ckpt_dir)
-        self.load_checkpoint(resume)
-
-    # ---- one optimizer step ------------------------------------------------------------------
-    def train_step(self) -> dict:
-        cfg = self.config.train
-        n, k = self.sampler(self.step)
-        self.model.train()
-        total_loss = 0.0
-        for _ in range(cfg.grad_accum_steps):
-            inputs, labels = (t.to(self.device) for t in self.stream.next_batch())
-            with autocast(self.config, self.device):
-                loss = self.model(inputs, labels=labels, num_steps=(n, k), return_logits=False).loss
-            (loss / cfg.grad_accum_steps).backward()
-            total_loss += loss.item() / cfg.grad_accum_steps
-            self.tokens_seen += inputs.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        finite = math.isfinite(total_loss) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-            self.bad_steps_in_row = 0
         else:
-            self.skipped_steps += 1
-            self.bad_steps_in_row += 1
-            if self.bad_steps_in_row >= cfg.max_bad_steps:
-                raise TrainingError(
-                    f"step {self.step}: loss or gradient non-finite for {self.bad_steps_in_row} steps in a row "
-                    f"(train.max_bad_steps={cfg.max_bad_steps}); stopping without checkpointing this state")
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.step += 1
-        return {"step": self.step, "loss": total_loss, "tokens": self.tokens_seen, "n": n, "k": k,
-                "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
+            directory = resolve_checkpoint(resume)
+        self.load_checkpoint(directory)
+        if self.ctx.is_main:
+            print(f"resumed from {directory} at step {self.step}", flush=True)
 
-    # ---- the run ------------------------------------------------------------------------------
+    # ---- the run -------------------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        self._signalled = True  # acted on at the next step boundary, on every rank together
+
     def run(self) -> TrainResult:
         from torch.utils.tensorboard import SummaryWriter
 
-        cfg = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.config))
+        t = self.config.train
+        main = self.ctx.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.config))
+        dist.barrier()
         self.maybe_resume()
-        result = TrainResult(self.run_dir, self.step)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
-        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-            while self.step < cfg.max_steps:
+        result = TrainResult(self.run_dir, self.step, is_main=main)
+        if self.step >= t.max_steps:
+            return result
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if main else None
+        metrics = self._open_metrics() if main else None
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        saved_at = None
+        try:
+            while self.step < t.max_steps:
                 started = time.perf_counter()
                 record = self.train_step()
-                record["tokens_per_s"] = (cfg.micro_batch_size * cfg.grad_accum_steps * self.config.data.seq_len
-                                          / (time.perf_counter() - started))
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                record["tokens_per_s"] = (t.micro_batch_size * t.grad_accum_steps * self.ctx.dp_size
+                                          * self.config.data.seq_len / (time.perf_counter() - started))
                 result.losses.append(record["loss"])
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    writer.add_scalar(f"train/{key}", record[key], self.step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                nk=f"({record['n']},{record['k']})")
+                if main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        writer.add_scalar(f"train/{key}", record[key], self.step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", nk=f"({record['n']},{record['k']})",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or record["stop_requested"]:
                     self.save_checkpoint()
-        bar.close()
-        writer.close()
+                    saved_at = self.step
+                if record["stop_requested"]:
+                    result.stopped_by_signal = True
+                    if main:
+                        print(f"stop requested by signal: checkpoint at step {saved_at} written, exiting", flush=True)
+                    break
+        finally:
+            bar.close()
+            if main:
+                metrics.close()
+                writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         result.final_step = self.step
+        if self.step >= t.max_steps and main:
+            (self.run_dir / FINISHED_MARKER).write_text(f"step {self.step}\n")
         return result
+
+    def _open_metrics(self):
+        """Append, dropping records past the resumed step (written after the checkpoint by a
+        run that then died), so the file holds exactly one record per step."""
+        path = self.run_dir / METRICS_FILE
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
 
     @torch.no_grad()
     def evaluate_depths(self, depths: list[int], batches: int) -> dict[int, float]:
-        """Held-out loss at each test-time depth (init_scale 0: the deterministic state)."""
-        from dataclasses import replace
-
-        held_out_cfg = replace(self.config.data, seed=self.config.data.seed + 1_000_003)
-        self.model.eval()
+        """Held-out loss at each test-time depth (init_scale 0: the deterministic state). Every
+        rank evaluates the same batches (ZeRO-3 and TP need all ranks in each forward)."""
+        held_out = replace(self.config.data, seed=self.config.data.seed + 1_000_003)
+        self.engine.eval()
         losses = {}
         for depth in depths:
-            stream = build_stream(held_out_cfg, self.config.model.vocab_size, self.config.train.micro_batch_size)
+            stream = build_stream(held_out, self.config.model.vocab_size, self.config.train.micro_batch_size)
             total = 0.0
             for _ in range(batches):
-                inputs, labels = (t.to(self.device) for t in stream.next_batch())
-                with autocast(self.config, self.device):
-                    out = self.model(inputs, labels=labels, num_steps=depth, init_scale=0.0, return_logits=False)
-                total += out.loss.item()
+                inputs, labels = (x.to(self.device) for x in stream.next_batch())
+                total += self.engine(inputs, labels=labels, num_steps=depth, init_scale=0.0,
+                                     return_logits=False).loss.item()
             losses[depth] = total / batches
         return losses
 
+    def close(self) -> None:
+        self.watch.remove()
+        self.engine.destroy()
+
 
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
+    """Train (or resume) a run as configured; see the module docstring."""
     trainer = Trainer(config, progress=progress)
-    result = trainer.run()
-    if config.train.eval_depths:
-        result.eval_losses = trainer.evaluate_depths(config.train.eval_depths, config.train.eval_batches)
+    try:
+        result = trainer.run()
+        if config.train.eval_depths and not result.stopped_by_signal:
+            result.eval_losses = trainer.evaluate_depths(config.train.eval_depths, config.train.eval_batches)
+            if not trainer.ctx.is_main:
+                result.eval_losses = {}
+    finally:
+        trainer.close()
     return result

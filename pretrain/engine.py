@@ -1,0 +1,131 @@
+"""The DeepSpeed engine a run trains on: its JSON config from the typed RunConfig, the
+optimizer (AdamW, decoupled decay except on norms and biases, able to skip a non-finite
+step), and the watch on gradients that decides such a skip before any weight moves.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from pretrain.config import RunConfig
+
+
+def no_decay(name: str) -> bool:
+    # the spec decays matrices and the embedding, never norms or biases
+    return "norm" in name or "ln_f" in name or "bias" in name
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up, then constant or cosine down to min_lr_ratio at max_steps. A pure
+    function of the step, so a resumed run follows the same schedule with no state."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights and moments untouched while `skip` is set. DeepSpeed (every
+    ZeRO stage, bf16 or not) reaches the weights only through this step, so skipping here
+    skips the update everywhere, with DeepSpeed's own bookkeeping still advancing."""
+
+    skip = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> SkippableAdamW:
+    t = cfg.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": t.weight_decay},
+              {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return SkippableAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=fused or None)
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+    t, p = cfg.train, cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage in (1, 2):
+        # optimizer state saved unpadded per parameter group, so a resume may use another DP size
+        zero["elastic_checkpoint"] = True
+    if p.zero_stage == 3:
+        # gather the tiny model's parameters in one go; the defaults suit billions
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # SkippableAdamW is torch's AdamW plus a guard
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "FAIL"},
+    }
+
+
+class GradientWatch:
+    """Marks whether any gradient of this optimizer step was non-finite. Tensor hooks see each
+    parameter's gradient as autograd produces it, before DeepSpeed reduces or partitions it,
+    so the check is the same at every ZeRO stage and costs no host sync until `bad()`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.flags: list[torch.Tensor] = []
+        self.handles = [p.register_hook(self._check) for p in model.parameters() if p.requires_grad]
+
+    def _check(self, grad: torch.Tensor) -> None:
+        self.flags.append(~torch.isfinite(grad).all())
+
+    def bad_local(self, device: torch.device) -> torch.Tensor:
+        bad = torch.stack(self.flags).any() if self.flags else torch.zeros((), dtype=torch.bool)
+        self.flags.clear()
+        return bad.to(device)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, mpu):
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
+                                           config=deepspeed_config(cfg, dp_size))
+    if cfg.parallel.zero_stage == 3:
+        # used outside their own module's forward (tied head, fused injection): ZeRO-3 must
+        # keep them gathered for the whole forward
+        from deepspeed.zero import register_external_parameter
+
+        register_external_parameter(engine.module, engine.module.transformer.wte.weight)
+        register_external_parameter(engine.module, engine.module.transformer.adapter.weight)
+    return engine, optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def full_fp32_parameters(engine) -> Optional[list[tuple[str, torch.Tensor]]]:
+    """(name, fp32 tensor) for every parameter, this TP rank's shard, complete over DP: the
+    optimizer's fp32 master copy where one exists (bf16, ZeRO), else the weight itself.
+    Collective under ZeRO-3: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        out.append((name, (full if full is not None else param.detach()).float().cpu()))
+    return out
