@@ -28,6 +28,7 @@ from pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE
                                  remove_stale_staging, resolve_checkpoint, rng_state, save_model_weights,
                                  set_rng_state, staging_dir, write_json)
 from pretrain.config import RunConfig, to_dict, to_yaml
+from pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
 from pretrain.engine import GradientWatch, build_engine, full_fp32_parameters, lr_factor, set_lr
 from pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from pretrain.sampler import DepthSampler
@@ -75,6 +76,8 @@ class Trainer:
         self._keep_rope_in_fp32()
         self.watch = GradientWatch(self.engine.module)
         self.sampler = DepthSampler.from_config(config.model, t.seed)
+        self.flops = FlopsModel.from_config(config.model, config.data.seq_len)
+        self.peak_flops = device_peak_flops(t.peak_flops)  # None on CPU: achieved FLOP/s only
         self.stream = build_stream(config.data, config.model.vocab_size, t.micro_batch_size,
                                    rank=self.ctx.dp_rank, world_size=self.ctx.dp_size)
         torch.manual_seed(t.seed + self.ctx.rank)
@@ -257,14 +260,19 @@ class Trainer:
             while self.step < t.max_steps:
                 started = time.perf_counter()
                 record = self.train_step()
-                record["tokens_per_s"] = (t.micro_batch_size * t.grad_accum_steps * self.ctx.dp_size
-                                          * self.config.data.seq_len / (time.perf_counter() - started))
+                seconds = time.perf_counter() - started
+                step_tokens = t.micro_batch_size * t.grad_accum_steps * self.ctx.dp_size * self.config.data.seq_len
+                record["tokens_per_s"] = step_tokens / seconds
+                record.update(throughput_metrics(self.flops, record["n"], record["k"], step_tokens, seconds,
+                                                 self.config.model.activation_checkpointing, self.peak_flops,
+                                                 self.ctx.world_size))
                 result.losses.append(record["loss"])
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        writer.add_scalar(f"train/{key}", record[key], self.step)
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "model_flops_per_s", "mfu", "hfu"):
+                        if key in record:
+                            writer.add_scalar(f"train/{key}", record[key], self.step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", nk=f"({record['n']},{record['k']})",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
