@@ -85,6 +85,15 @@ def test_throughput_metrics():
     assert "mfu" not in throughput_metrics(flops, 2, 1, 100, 2.0, False, peak=None)
 
 
+def test_device_peak_flops_uses_the_configured_value_or_the_table():
+    from pretrain.flops import PEAK_FLOPS, device_peak_flops
+
+    assert device_peak_flops(123e12) == 123e12
+    assert PEAK_FLOPS["h100"] == PEAK_FLOPS["h200"] == 989e12 and PEAK_FLOPS["mi250x"] == 191.5e12
+    if not torch.cuda.is_available():
+        assert device_peak_flops() is None
+
+
 def test_rdp_flops_json_has_the_documented_fields(capsys):
     assert rdp(["flops", "huginn-3.5b", "--json", "--depths", "1,32"]) == 0
     report = json.loads(capsys.readouterr().out)
