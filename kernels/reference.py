@@ -68,6 +68,24 @@ def injection(state: torch.Tensor, embedding: torch.Tensor, adapter_weight: torc
     return F.linear(torch.cat([state, embedding], dim=-1), adapter_weight)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def injection_embedding(embedded: torch.Tensor, adapter_weight: torch.Tensor) -> torch.Tensor:
+    """The embedding's half of the injection, e @ W_e^T (W = [W_s | W_e]), in fp32. The prelude
+    output e is the same at every recurrence step, so this is computed once per forward."""
+    hidden = embedded.shape[-1]
+    return F.linear(_at_least_fp32(embedded), _at_least_fp32(adapter_weight[:, hidden:]))
+
+
+def injection_with_embedding(state: torch.Tensor, projected: torch.Tensor, adapter_weight: torch.Tensor) -> torch.Tensor:
+    """injection(state, e, W) given projected = injection_embedding(e, W): s @ W_s^T + P,
+    summed in fp32 and rounded once to the state's dtype."""
+    hidden = state.shape[-1]
+    return (F.linear(_at_least_fp32(state), _at_least_fp32(adapter_weight[:, :hidden])) + projected).to(state.dtype)
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy of fp32 logits x @ weight^T."""

@@ -223,6 +223,10 @@ def _launch_config(head_dim: int, seq_q: int) -> dict:
     return dict(fwd=fwd, bwd=bwd)
 
 
+def _block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))  # tl.dot needs every tile dim >= 16
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_dtype(name, t)
@@ -257,7 +261,7 @@ def attention_forward(q, k, v, causal: bool):
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
     _attn_fwd_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                            heads, seq_q, seq_k, head_dim, sm_scale * LOG2E,
-                           CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim),
+                           CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
                            UPCAST=dot_upcast(q.dtype), **opts)
     return out, lse
 
@@ -267,7 +271,7 @@ def attention_backward(q, k, v, out, lse, grad_out, causal: bool):
     seq_k = k.shape[2]
     grad_out = _unit_last(grad_out)
     block_m, block_n, opts = _launch_config(head_dim, seq_q)["bwd"]
-    block_d = next_pow2(head_dim)
+    block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_q, head_dim,

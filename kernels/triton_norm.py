@@ -1,8 +1,8 @@
 """RMSNorm and the sandwich step norm(x + f) in Triton, forward and backward.
 
 Semantics are kernels.reference.rms_norm exactly: statistics in fp32, the normalised value
-rounded to the input dtype, then multiplied by the weight in the promoted dtype. One
-program owns one row of the hidden dim (the whole row fits in registers up to 64k).
+rounded to the input dtype, then multiplied by the weight in the promoted dtype. A
+program owns whole rows of the hidden dim (a row fits in registers up to 64k).
 Forward saves the per-row 1/rms (fp32) and, for the fused add, the sum z = x + f (the
 one tensor both norm and its backward need); backward accumulates dW per program in fp32
 and sums the partials in one small reduction.
@@ -17,55 +17,65 @@ from kernels._triton_utils import INTERPRET, check_dtype, next_pow2, rows_view, 
 
 
 @triton.jit
-def _rms_fwd_kernel(X, F, W, Y, Z, RSTD, stride_x, stride_f, stride_y, stride_z, n_cols, eps,
-                    HAS_F: tl.constexpr, SAVE: tl.constexpr, Z_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rms_fwd_kernel(X, F, W, Y, Z, RSTD, stride_x, stride_f, stride_y, stride_z, n_rows, n_cols, eps,
+                    HAS_F: tl.constexpr, SAVE: tl.constexpr, Z_DTYPE: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_F:
-        f = tl.load(F + row * stride_f + cols, mask=mask, other=0.0)
+        f = tl.load(F + rows[:, None] * stride_f + cols[None, :], mask=mask, other=0.0)
         # the residual add rounds to the stream's dtype, as `x + f` does in torch
         x = (x.to(tl.float32) + f.to(tl.float32)).to(Z_DTYPE)
         if SAVE:
-            tl.store(Z + row * stride_z + cols, x, mask=mask)
+            tl.store(Z + rows[:, None] * stride_z + cols[None, :], x, mask=mask)
     x32 = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
-    normed = (x32 * rstd).to(x.dtype)
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    y = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 1) / n_cols + eps)
+    normed = (x32 * rstd[:, None]).to(x.dtype)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0)
+    y = normed.to(tl.float32) * w.to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if SAVE:
-        tl.store(RSTD + row, rstd)
+        tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
 @triton.jit
 def _rms_bwd_kernel(DY, Z, W, RSTD, DX, DX2, DW_PART, stride_dy, stride_z, stride_dx, stride_dx2,
-                    n_rows, n_cols, rows_per_program,
-                    TWO_OUT: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr):
+                    n_rows, n_cols, tiles_per_program,
+                    TWO_OUT: tl.constexpr, NEED_DW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
     # int64 row offsets: rows * hidden can pass 2**31 at long sequences
-    row_start = pid.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row64 in range(row_start, row_end):
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(Z + row64 * stride_z + cols, mask=mask, other=0.0)
-        rstd = tl.load(RSTD + row64)
-        x_hat = z.to(tl.float32) * rstd
+    tile_start = pid.to(tl.int64) * tiles_per_program
+    for tile in range(tile_start, tile_start + tiles_per_program):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = z.to(tl.float32) * rstd[:, None]
         if NEED_DW:
             # the reference multiplies the weight by the normalised value rounded to z's dtype
-            dw += dy * x_hat.to(z.dtype).to(tl.float32)
-        g = dy * w
-        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, 0) / n_cols))
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * x_hat.to(z.dtype).to(tl.float32), 0)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - x_hat * (tl.sum(g * x_hat, 1) / n_cols)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if TWO_OUT:
-            tl.store(DX2 + row64 * stride_dx2 + cols, dx.to(DX2.dtype.element_ty), mask=mask)
+            tl.store(DX2 + rows[:, None] * stride_dx2 + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
     if NEED_DW:
-        tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_mask)
+
+
+def _rows_per_tile(block: int, n_rows: int) -> int:
+    """Rows per program tile: one wide row on a GPU (h=5280 fills the registers), many in
+    the interpreter, whose cost is per program and per op, not per element."""
+    budget = 16384 if INTERPRET else 4096
+    return max(1, min(next_pow2(n_rows), budget // block))
 
 
 def _num_warps(block: int) -> int:
@@ -96,10 +106,12 @@ def _forward(x: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor,
     rstd = torch.empty(n_rows if save else 1, dtype=torch.float32, device=x.device)
     block = next_pow2(n_cols)
     if n_rows > 0:
-        _rms_fwd_kernel[(n_rows,)](x2, f2 if f2 is not None else x2, weight, y, z, rstd,
-                                   x2.stride(0), f2.stride(0) if f2 is not None else 0, y.stride(0),
-                                   z.stride(0), n_cols, eps, HAS_F=update is not None,
-                                   SAVE=save, Z_DTYPE=triton_dtype(z_dtype), BLOCK=block, num_warps=_num_warps(block))
+        rows = _rows_per_tile(block, n_rows)
+        _rms_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            x2, f2 if f2 is not None else x2, weight, y, z, rstd, x2.stride(0),
+            f2.stride(0) if f2 is not None else 0, y.stride(0), z.stride(0), n_rows, n_cols, eps,
+            HAS_F=update is not None, SAVE=save, Z_DTYPE=triton_dtype(z_dtype), ROWS=rows, BLOCK=block,
+            num_warps=_num_warps(block * rows))
     return y.view(*x.shape[:-1], n_cols), z, rstd
 
 
@@ -111,16 +123,18 @@ def _backward(grad_y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd:
     if n_rows == 0:
         return outs, torch.zeros_like(weight) if need_dw else None
     block = next_pow2(n_cols)
-    sm_count = 8 if INTERPRET else torch.cuda.get_device_properties(z.device).multi_processor_count * 4
-    num_programs = min(n_rows, sm_count)
-    rows_per_program = triton.cdiv(n_rows, num_programs)
-    num_programs = triton.cdiv(n_rows, rows_per_program)
+    rows = _rows_per_tile(block, n_rows)
+    n_tiles = triton.cdiv(n_rows, rows)
+    # a few programs per SM, each summing dW over its tiles in registers
+    max_programs = 2 if INTERPRET else torch.cuda.get_device_properties(z.device).multi_processor_count * 4
+    tiles_per_program = triton.cdiv(n_tiles, min(n_tiles, max_programs))
+    num_programs = triton.cdiv(n_tiles, tiles_per_program)
     dw_part = torch.empty(num_programs, n_cols, dtype=torch.float32, device=z.device) if need_dw else rstd
     dx2 = outs[1] if len(outs) > 1 else outs[0]
     _rms_bwd_kernel[(num_programs,)](dy, z, weight, rstd, outs[0], dx2, dw_part, dy.stride(0), z.stride(0),
-                                     outs[0].stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
-                                     TWO_OUT=len(outs) > 1, NEED_DW=need_dw, BLOCK=block,
-                                     num_warps=_num_warps(block))
+                                     outs[0].stride(0), dx2.stride(0), n_rows, n_cols, tiles_per_program,
+                                     TWO_OUT=len(outs) > 1, NEED_DW=need_dw, ROWS=rows, BLOCK=block,
+                                     num_warps=_num_warps(block * rows))
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return outs, dw
 

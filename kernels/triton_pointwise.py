@@ -20,36 +20,44 @@ from kernels._triton_utils import INTERPRET, check_dtype, next_pow2, rows_view
 
 # ---- silu(gate) * up ---------------------------------------------------------------------
 @triton.jit
-def _silu_mul_fwd_kernel(FUSED, OUT, stride_in, stride_out, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _silu_mul_fwd_kernel(FUSED, OUT, stride_in, stride_out, n_rows, n_cols,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = tl.load(FUSED + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(FUSED + row * stride_in + n_cols + cols, mask=mask, other=0.0)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    gate_ptr = FUSED + rows[:, None] * stride_in + cols[None, :]
+    gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + n_cols, mask=mask, other=0.0)
     silu = (gate * tl.sigmoid(gate)).to(up.dtype)
     out = silu.to(tl.float32) * up.to(tl.float32)
-    tl.store(OUT + row * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _silu_mul_bwd_kernel(FUSED, DOUT, DFUSED, stride_in, stride_dout, stride_din, n_cols,
-                         BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _silu_mul_bwd_kernel(FUSED, DOUT, DFUSED, stride_in, stride_dout, stride_din, n_rows, n_cols,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = tl.load(FUSED + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(FUSED + row * stride_in + n_cols + cols, mask=mask, other=0.0)
-    dout = tl.load(DOUT + row * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    gate_ptr = FUSED + rows[:, None] * stride_in + cols[None, :]
+    gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + n_cols, mask=mask, other=0.0)
+    dout = tl.load(DOUT + rows[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     d_gate = dout * up.to(tl.float32) * sig * (1.0 + gate * (1.0 - sig))
     d_up = dout * silu.to(up.dtype).to(tl.float32)
-    tl.store(DFUSED + row * stride_din + cols, d_gate.to(DFUSED.dtype.element_ty), mask=mask)
-    tl.store(DFUSED + row * stride_din + n_cols + cols, d_up.to(DFUSED.dtype.element_ty), mask=mask)
+    d_ptr = DFUSED + rows[:, None] * stride_din + cols[None, :]
+    tl.store(d_ptr, d_gate.to(DFUSED.dtype.element_ty), mask=mask)
+    tl.store(d_ptr + n_cols, d_up.to(DFUSED.dtype.element_ty), mask=mask)
 
 
-def _block(n_cols: int) -> int:
-    return min(next_pow2(n_cols), 1024)
+def _tiles(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int, int]]:
+    """(rows, cols) per program and the grid; the interpreter pays per program, so it
+    takes many rows at once, a GPU one row and 1024 columns (4 warps, 8 elements each)."""
+    block = min(next_pow2(n_cols), 1024)
+    rows = max(1, min(next_pow2(n_rows), 8192 // block)) if INTERPRET else 1
+    return rows, block, (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
 
 
 def _silu_mul_forward(fused: torch.Tensor) -> torch.Tensor:
@@ -60,9 +68,9 @@ def _silu_mul_forward(fused: torch.Tensor) -> torch.Tensor:
     n_cols = x.shape[1] // 2
     out = torch.empty(x.shape[0], n_cols, dtype=fused.dtype, device=fused.device)
     if x.shape[0]:
-        block = _block(n_cols)
-        _silu_mul_fwd_kernel[(x.shape[0], triton.cdiv(n_cols, block))](
-            x, out, x.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=1 if INTERPRET else 4)
+        rows, block, grid = _tiles(x.shape[0], n_cols)
+        _silu_mul_fwd_kernel[grid](x, out, x.stride(0), out.stride(0), x.shape[0], n_cols,
+                                   ROWS=rows, BLOCK=block, num_warps=1 if INTERPRET else 4)
     return out.view(*fused.shape[:-1], n_cols)
 
 
@@ -80,10 +88,10 @@ class SiluMul(torch.autograd.Function):
         n_cols = x.shape[1] // 2
         dfused = torch.empty(x.shape, dtype=fused.dtype, device=fused.device)
         if x.shape[0]:
-            block = _block(n_cols)
-            _silu_mul_bwd_kernel[(x.shape[0], triton.cdiv(n_cols, block))](
-                x, dout, dfused, x.stride(0), dout.stride(0), dfused.stride(0), n_cols,
-                BLOCK=block, num_warps=1 if INTERPRET else 4)
+            rows, block, grid = _tiles(x.shape[0], n_cols)
+            _silu_mul_bwd_kernel[grid](x, dout, dfused, x.stride(0), dout.stride(0), dfused.stride(0),
+                                       x.shape[0], n_cols, ROWS=rows, BLOCK=block,
+                                       num_warps=1 if INTERPRET else 4)
         return dfused.view(fused.shape)
 
 
@@ -96,49 +104,51 @@ def silu_mul(fused: torch.Tensor) -> torch.Tensor:
 # ---- q/k bias + interleaved RoPE ---------------------------------------------------------
 @triton.jit
 def _rope_fwd_kernel(Q, K, BIAS, CS, QO, KO, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
-                     stride_kh, stride_cs, seq, heads, half_dim,
-                     HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    bs = tl.program_id(0).to(tl.int64)
-    b, s = bs // seq, bs % seq
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_p = tl.arange(0, BLOCK_P)
-    mask = (offs_h[:, None] < heads) & (offs_p[None, :] < half_dim)
-    cos = tl.load(CS + s * stride_cs + offs_p * 2, mask=offs_p < half_dim, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(CS + s * stride_cs + offs_p * 2 + 1, mask=offs_p < half_dim, other=0.0).to(tl.float32)[None, :]
-    even = offs_h[:, None] * (2 * half_dim) + offs_p[None, :] * 2  # offset of dim 2i in a contiguous head row
-    out_base = bs * heads * 2 * half_dim  # outputs are contiguous (B, S, H, D)
+                     stride_kh, stride_cs, n_rows, seq, heads, half_dim,
+                     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    # a "row" is one (batch, position, head): half_dim interleaved pairs
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = r % heads
+    s = (r // heads) % seq
+    b = r // (heads * seq)
+    p = tl.arange(0, BLOCK_P)
+    mask = (r[:, None] < n_rows) & (p[None, :] < half_dim)
+    cs = CS + s[:, None] * stride_cs + p[None, :] * 2
+    cos = tl.load(cs, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs + 1, mask=mask, other=0.0).to(tl.float32)
+    out = r[:, None] * (2 * half_dim) + p[None, :] * 2  # outputs are contiguous (B, S, H, D)
     for which in tl.static_range(2):
         if which == 0:
-            src = Q + b * stride_qb + s * stride_qs + offs_h[:, None] * stride_qh + offs_p[None, :] * 2
+            src = Q + (b * stride_qb + s * stride_qs + h * stride_qh)[:, None] + p[None, :] * 2
             dst = QO
         else:
-            src = K + b * stride_kb + s * stride_ks + offs_h[:, None] * stride_kh + offs_p[None, :] * 2
+            src = K + (b * stride_kb + s * stride_ks + h * stride_kh)[:, None] + p[None, :] * 2
             dst = KO
         x0 = tl.load(src, mask=mask, other=0.0)
         x1 = tl.load(src + 1, mask=mask, other=0.0)
         if HAS_BIAS:
-            b0 = tl.load(BIAS + which * heads * 2 * half_dim + even, mask=mask, other=0.0)
-            b1 = tl.load(BIAS + which * heads * 2 * half_dim + even + 1, mask=mask, other=0.0)
-            x0 = (x0.to(tl.float32) + b0.to(tl.float32)).to(x0.dtype)
-            x1 = (x1.to(tl.float32) + b1.to(tl.float32)).to(x1.dtype)
+            bias = BIAS + which * heads * 2 * half_dim + h[:, None] * (2 * half_dim) + p[None, :] * 2
+            # q + bias rounds to q's dtype before the fp32 rotation, as in the reference
+            x0 = (x0.to(tl.float32) + tl.load(bias, mask=mask, other=0.0).to(tl.float32)).to(x0.dtype)
+            x1 = (x1.to(tl.float32) + tl.load(bias + 1, mask=mask, other=0.0).to(tl.float32)).to(x1.dtype)
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
-        tl.store(dst + out_base + even, (x0 * cos - x1 * sin).to(dst.dtype.element_ty), mask=mask)
-        tl.store(dst + out_base + even + 1, (x1 * cos + x0 * sin).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + out, (x0 * cos - x1 * sin).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + out + 1, (x1 * cos + x0 * sin).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_bwd_kernel(DQO, DKO, CS, DQ, DK, seq, heads, half_dim, stride_cs,
-                     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+def _rope_bwd_kernel(DQO, DKO, CS, DQ, DK, n_rows, seq, heads, half_dim, stride_cs,
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     # the rotation is orthogonal: its gradient is the inverse rotation; all buffers contiguous
-    bs = tl.program_id(0).to(tl.int64)
-    s = bs % seq
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_p = tl.arange(0, BLOCK_P)
-    mask = (offs_h[:, None] < heads) & (offs_p[None, :] < half_dim)
-    cos = tl.load(CS + s * stride_cs + offs_p * 2, mask=offs_p < half_dim, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(CS + s * stride_cs + offs_p * 2 + 1, mask=offs_p < half_dim, other=0.0).to(tl.float32)[None, :]
-    off = bs * heads * 2 * half_dim + offs_h[:, None] * (2 * half_dim) + offs_p[None, :] * 2
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = (r // heads) % seq
+    p = tl.arange(0, BLOCK_P)
+    mask = (r[:, None] < n_rows) & (p[None, :] < half_dim)
+    cs = CS + s[:, None] * stride_cs + p[None, :] * 2
+    cos = tl.load(cs, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs + 1, mask=mask, other=0.0).to(tl.float32)
+    off = r[:, None] * (2 * half_dim) + p[None, :] * 2
     for which in tl.static_range(2):
         if which == 0:
             src = DQO
@@ -152,10 +162,10 @@ def _rope_bwd_kernel(DQO, DKO, CS, DQ, DK, seq, heads, half_dim, stride_cs,
         tl.store(dst + off + 1, (g1 * cos - g0 * sin).to(dst.dtype.element_ty), mask=mask)
 
 
-def _rope_blocks(heads: int, half_dim: int) -> tuple[int, int]:
+def _rope_blocks(n_rows: int, half_dim: int) -> tuple[int, int]:
     block_p = next_pow2(half_dim)
-    block_h = min(next_pow2(heads), max(1, 2048 // block_p))
-    return block_h, block_p
+    budget = 8192 if INTERPRET else 2048
+    return max(1, min(next_pow2(n_rows), budget // block_p)), block_p
 
 
 def _check_rope(q, k, qk_bias, cos_sin):
@@ -180,12 +190,13 @@ def _rope_forward(q, k, qk_bias, cos_sin):
     bias = qk_bias.contiguous() if qk_bias is not None else cos_sin
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    block_h, block_p = _rope_blocks(heads, head_dim // 2)
-    if batch * seq:
-        _rope_fwd_kernel[(batch * seq, triton.cdiv(heads, block_h))](
+    n_rows = batch * seq * heads
+    block_r, block_p = _rope_blocks(n_rows, head_dim // 2)
+    if n_rows:
+        _rope_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
             q, k, bias, cos_sin, q_out, k_out, q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), cos_sin.stride(0), seq, heads, head_dim // 2,
-            HAS_BIAS=qk_bias is not None, BLOCK_H=block_h, BLOCK_P=block_p,
+            k.stride(0), k.stride(1), k.stride(2), cos_sin.stride(0), n_rows, seq, heads, head_dim // 2,
+            HAS_BIAS=qk_bias is not None, BLOCK_R=block_r, BLOCK_P=block_p,
             num_warps=1 if INTERPRET else 4)
     return q_out, k_out
 
@@ -207,11 +218,12 @@ class BiasRope(torch.autograd.Function):
         cos_sin = cos_sin.contiguous()
         dq = torch.empty(grad_q.shape, dtype=ctx.dtypes[0], device=grad_q.device)
         dk = torch.empty(grad_k.shape, dtype=ctx.dtypes[1], device=grad_k.device)
-        block_h, block_p = _rope_blocks(heads, head_dim // 2)
-        if batch * seq:
-            _rope_bwd_kernel[(batch * seq, triton.cdiv(heads, block_h))](
-                grad_q, grad_k, cos_sin, dq, dk, seq, heads, head_dim // 2, cos_sin.stride(0),
-                BLOCK_H=block_h, BLOCK_P=block_p, num_warps=1 if INTERPRET else 4)
+        n_rows = batch * seq * heads
+        block_r, block_p = _rope_blocks(n_rows, head_dim // 2)
+        if n_rows:
+            _rope_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
+                grad_q, grad_k, cos_sin, dq, dk, n_rows, seq, heads, head_dim // 2, cos_sin.stride(0),
+                BLOCK_R=block_r, BLOCK_P=block_p, num_warps=1 if INTERPRET else 4)
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = torch.stack([dq.float().sum((0, 1)), dk.float().sum((0, 1))])[:, None].to(ctx.bias_dtype)

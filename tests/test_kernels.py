@@ -1,0 +1,95 @@
+"""Kernels: dispatch, public entry points, and every Triton kernel against the reference.
+
+The Triton kernels are checked on CPU through Triton's interpreter, which reads
+TRITON_INTERPRET=1 when triton is first imported. Other test files import torch/triton in
+this process, so tests/kernels/interpreted_checks.py runs in one separate pytest process
+(started once per session) and each of its check functions is reported here as a test.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference as R
+from kernels.dispatch import OP_NAMES, get_ops, resolve_backend
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKS = REPO / "tests" / "kernels" / "interpreted_checks.py"
+CHECK_NAMES = [node.name for node in ast.parse(CHECKS.read_text()).body
+               if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
+
+
+@pytest.fixture(scope="session")
+def interpreted_results(tmp_path_factory):
+    """Run the interpreted checks once; map check name -> [(case id, failure text or None)]."""
+    report = tmp_path_factory.mktemp("kernels") / "report.xml"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS),
+                           f"--junitxml={report}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if not report.exists():
+        pytest.fail(f"interpreted checks did not run (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    results: dict[str, list[tuple[str, str | None]]] = {}
+    for case in ET.parse(report).iter("testcase"):
+        name = case.get("name", "")
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        text = None
+        if problem is not None:
+            text = (problem.get("message") or "") + "\n" + (problem.text or "")
+        elif skipped is not None:
+            text = "skipped: " + (skipped.get("message") or "")
+        results.setdefault(name.split("[")[0], []).append((name, text))
+    return results
+
+
+@pytest.mark.parametrize("check", CHECK_NAMES)
+def test_triton_kernel_interpreted(check, interpreted_results):
+    cases = interpreted_results.get(check)
+    assert cases, f"{check} did not run in the interpreted process"
+    failures = [f"{name}: {text}" for name, text in cases if text is not None]
+    assert not failures, "\n\n".join(failures)
+
+
+# ---- in this process (no interpreter): dispatch and the reference path ---------------------
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("torch") == "torch"
+    assert resolve_backend("auto") == ("triton" if torch.cuda.is_available() else "torch")
+    with pytest.raises(ValueError, match="auto, triton or torch"):
+        resolve_backend("cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            resolve_backend("triton")
+
+
+def test_torch_backend_is_the_reference():
+    ops = get_ops("torch")
+    assert ops.backend == "torch"
+    for name in OP_NAMES:
+        assert getattr(ops, name) is getattr(R, name)
+
+
+def test_public_entry_points_fall_back_to_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    out = kernels.flash_attention(q, k, v, causal=True)
+    # bottom-right aligned causal mask, written out: query i sees keys j <= i + (9 - 5)
+    scores = q @ k.transpose(-1, -2) / 4.0
+    allowed = torch.ones(5, 9, dtype=torch.bool).tril(diagonal=4)
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    full = kernels.flash_attention(q, q, q, causal=True)
+    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    x, w = torch.randn(4, 10), torch.rand(10)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w)
