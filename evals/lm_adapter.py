@@ -52,7 +52,7 @@ class RecurrentDepthLM(TemplateLM):
 
     instances: list["RecurrentDepthLM"] = []  # lets the CLI report mean steps after a run
 
-    def __init__(self, checkpoint: Optional[str] = None, num_steps: int = 32, init_scale: float = 1.0,
+    def __init__(self, checkpoint: Optional[str] = None, num_steps: int = 32, init_scale: float = 0.0,
                  dtype: str = "float32", device: str = "cpu", batch_size: int | str = 1,
                  exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
                  cache: str = "full", cache_slots: int = 4, tokenizer=None, seed: int = 1234,

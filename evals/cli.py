@@ -1,0 +1,102 @@
+"""`rdp eval` (depth sweeps over lm-eval tasks, HumanEval and synthetic reasoning) and
+`rdp reasoning` (train a small model on a reasoning task's easy split, then sweep depths)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    ev = commands.add_parser("eval", help="evaluate a checkpoint at several test-time depths")
+    ev.add_argument("checkpoint", help="run dir / checkpoint dir of this project, or a Huginn-layout dir")
+    ev.add_argument("--tasks", type=_names, required=True,
+                    help="comma-separated: lm-eval task names, humaneval, parity, s3, s5, squaring")
+    ev.add_argument("--depths", type=_ints, default=[1, 4, 8, 16, 32, 64])
+    ev.add_argument("--out", default=None, help="output dir (default: CHECKPOINT/eval)")
+    ev.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    ev.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
+    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ev.add_argument("--init-scale", type=float, default=0.0, help="std multiplier of the random initial state")
+    ev.add_argument("--exit-criterion", default=None,
+                    help="adaptive exit: kl, entropy-diff, latent-diff, argmax-stability or cosine")
+    ev.add_argument("--exit-threshold", type=float, default=None)
+    ev.add_argument("--cache", default="full", help="KV cache for generation: full, latest, modulo or none")
+    ev.add_argument("--cache-slots", type=int, default=4)
+    ev.add_argument("--max-gen-toks", type=int, default=None)
+    ev.add_argument("--tokenizer", default=None, help="tokenizer.json / sentencepiece .model (default: found next to the checkpoint)")
+    ev.add_argument("--gsm8k-path", default=None, help="local GSM8K jsonl (dir with test.jsonl[, train.jsonl]) for offline runs")
+    ev.add_argument("--humaneval-samples", type=int, default=1)
+    ev.add_argument("--humaneval-k", type=_ints, default=[1])
+    ev.add_argument("--humaneval-temperature", type=float, default=0.0)
+    ev.add_argument("--reasoning-examples", type=int, default=256)
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(handler=run_eval)
+
+    rs = commands.add_parser("reasoning", help="train a small model on a synthetic reasoning task, then sweep depths")
+    rs.add_argument("task", help="parity, s3, s5 or squaring")
+    rs.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    rs.add_argument("--preset", default="tiny")
+    rs.add_argument("--out", default=None, help="default: runs/reasoning-TASK")
+    rs.add_argument("--steps", type=int, default=400)
+    rs.add_argument("--depths", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    rs.add_argument("--examples", type=int, default=256, help="held-out examples per (split, depth)")
+    rs.add_argument("--no-progress", action="store_true")
+    rs.set_defaults(handler=run_reasoning)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from evals.sweep import Sweep, SweepConfig
+
+    cfg = SweepConfig(
+        checkpoint=args.checkpoint, tasks=args.tasks, depths=args.depths,
+        out_dir=args.out or str(Path(args.checkpoint) / "eval"), limit=args.limit, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, init_scale=args.init_scale,
+        exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold, cache=args.cache,
+        cache_slots=args.cache_slots, max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer,
+        gsm8k_path=args.gsm8k_path, humaneval_samples=args.humaneval_samples, humaneval_k=args.humaneval_k,
+        humaneval_temperature=args.humaneval_temperature, reasoning_examples=args.reasoning_examples, seed=args.seed)
+    sweep = Sweep(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    sweep.run()
+    print((sweep.out / "results.md").read_text())
+    print(f"rdp eval: wrote {sweep.out}/results.json, results.md, results.png")
+    return 0
+
+
+def run_reasoning(args: argparse.Namespace) -> int:
+    from evals.reasoning import get_task
+    from evals.sweep import Sweep, SweepConfig
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    task = get_task(args.task)
+    out = Path(args.out or f"runs/reasoning-{task.name}")
+    run_dir = out / "train"
+    overrides = [f"data.source=reasoning:{task.name}", f"data.seq_len={task.train_length}",
+                 f"train.max_steps={args.steps}", f"train.run_dir={run_dir}", "train.eval_depths=[]",
+                 f"train.checkpoint_every={max(1, args.steps)}", "train.resume=auto", *args.overrides]
+    config = load_config(args.preset, overrides)
+    if config.model.vocab_size < task.num_symbols:
+        raise ValueError(f"task {task.name} needs model.vocab_size >= {task.num_symbols}")
+    train(config, progress=not args.no_progress)
+    cfg = SweepConfig(checkpoint=str(run_dir), tasks=[task.name], depths=args.depths, out_dir=str(out / "eval"),
+                      reasoning_examples=args.examples)
+    sweep = Sweep(cfg, progress=not args.no_progress)
+    sweep.run()
+    print((sweep.out / "results.md").read_text())
+    print(f"rdp reasoning: model in {run_dir}, results in {sweep.out}")
+    return 0

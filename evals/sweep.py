@@ -1,0 +1,211 @@
+"""`rdp eval`: every (task, depth) of a checkpoint, written to results.json after each pair
+(a rerun skips finished pairs), then results.md and results.png.
+
+Task names: any lm-eval task (e.g. arc_easy, hellaswag, gsm8k, gsm8k_cot); with
+`gsm8k_path` the gsm8k tasks read local jsonl instead; `humaneval`; the synthetic reasoning
+tasks `parity`, `s3`, `s5`, `squaring` (one row per split: easy and harder lengths).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from evals.reasoning import TASKS as REASONING_TASKS
+
+RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "results.png"
+PRIMARY_METRICS = ("exact_match,flexible-extract", "exact_match,strict-match", "acc_norm,none", "acc,none",
+                   "exact_match,none", "word_perplexity,none")
+
+
+class SweepError(ValueError):
+    user_facing = True
+
+
+@dataclass
+class SweepConfig:
+    checkpoint: str
+    tasks: list[str]
+    depths: list[int]
+    out_dir: str
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    init_scale: float = 0.0
+    exit_criterion: Optional[str] = None
+    exit_threshold: Optional[float] = None
+    cache: str = "full"
+    cache_slots: int = 4
+    max_gen_toks: Optional[int] = None
+    tokenizer: Optional[str] = None
+    gsm8k_path: Optional[str] = None
+    humaneval_samples: int = 1
+    humaneval_k: list[int] = field(default_factory=lambda: [1])
+    humaneval_temperature: float = 0.0
+    reasoning_examples: int = 256
+    seed: int = 1234
+
+    def identity(self) -> dict:
+        """Settings that change results: a resumed sweep must match them."""
+        skip = {"tasks", "depths", "out_dir", "device", "batch_size"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _primary(metrics: dict) -> tuple[str, float, Optional[float]]:
+    for name in PRIMARY_METRICS:
+        if name in metrics:
+            break
+    else:
+        name = next(k for k, v in metrics.items() if "_stderr" not in k and isinstance(v, (int, float)))
+    metric, _, filt = name.partition(",")
+    stderr = metrics.get(f"{metric}_stderr,{filt}")
+    stderr = float(stderr) if isinstance(stderr, (int, float)) and not math.isnan(float(stderr)) else None
+    return name, float(metrics[name]), stderr
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig, overwrite: bool = False, progress: bool = True):
+        if not cfg.tasks or not cfg.depths:
+            raise SweepError("give at least one task (--tasks) and one depth (--depths)")
+        if any(d < 1 for d in cfg.depths):
+            raise SweepError(f"--depths must be >= 1, got {cfg.depths}")
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / RESULTS_FILE
+        self.document = {"checkpoint": str(cfg.checkpoint), "settings": cfg.identity(), "results": {}}
+        if self.path.exists() and not overwrite:
+            try:
+                previous = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise SweepError(f"{self.path}: unreadable ({exc.msg}); pass --overwrite to start again") from None
+            if previous.get("settings") != self.document["settings"]:
+                changed = sorted(k for k in self.document["settings"]
+                                 if previous.get("settings", {}).get(k) != self.document["settings"][k])
+                raise SweepError(f"{self.path} was written with other settings ({', '.join(changed)}); "
+                                 "use another --out or --overwrite")
+            self.document["results"] = previous.get("results", {})
+        self._model = self._tokenizer = self._task_manager = None
+        self._local_names: dict[str, str] = {}
+
+    # ---- lazily built pieces ------------------------------------------------------------------
+    def model(self):
+        if self._model is None:
+            from evals.lm_adapter import load_checkpoint
+
+            self._model = load_checkpoint(self.cfg.checkpoint, self.cfg.device, self.cfg.dtype)
+        return self._model
+
+    def lm(self, depth: int):
+        from evals.lm_adapter import RecurrentDepthLM
+        from evals.tokenizer import load_eval_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_eval_tokenizer(self.cfg.checkpoint, self.model().config, self.cfg.tokenizer)
+        c = self.cfg
+        return RecurrentDepthLM(model=self.model(), tokenizer=self._tokenizer, num_steps=depth,
+                                init_scale=c.init_scale, batch_size=c.batch_size, exit_criterion=c.exit_criterion,
+                                exit_threshold=c.exit_threshold, cache=c.cache, cache_slots=c.cache_slots, seed=c.seed)
+
+    def task_manager(self):
+        if self._task_manager is None:
+            from lm_eval.tasks import TaskManager
+
+            include = None
+            if self.cfg.gsm8k_path:
+                from evals.gsm8k import write_local_tasks
+
+                include = str(self.out / "lm_eval_tasks")
+                self._local_names = write_local_tasks(self.cfg.gsm8k_path, include)
+            self._task_manager = TaskManager(include_path=include)
+        return self._task_manager
+
+    # ---- one (task, depth) ------------------------------------------------------------------
+    def rows(self) -> list[tuple[str, str]]:
+        """(row name in the table, task) pairs; a reasoning task gives one row per split."""
+        rows = []
+        for task in self.cfg.tasks:
+            if task in REASONING_TASKS:
+                rows += [(f"{task}/{split}", task) for split in REASONING_TASKS[task].splits()]
+            else:
+                rows.append((task, task))
+        return rows
+
+    def evaluate(self, row: str, task: str, depth: int) -> dict:
+        c = self.cfg
+        if task in REASONING_TASKS:
+            from evals.reasoning import exact_match
+
+            spec = REASONING_TASKS[task]
+            length = spec.splits()[row.split("/", 1)[1]]
+            score, stderr = exact_match(self.model(), spec, length, depth, c.reasoning_examples, seed=c.seed)
+            return {"score": score, "stderr": stderr, "metric": f"exact_match (length {length})",
+                    "mean_steps": float(depth)}
+        lm = self.lm(depth)
+        if task == "humaneval":
+            from evals.humaneval import run_humaneval
+
+            kwargs = {"max_new_tokens": c.max_gen_toks} if c.max_gen_toks else {}
+            scores = run_humaneval(lm, c.humaneval_samples, tuple(c.humaneval_k), c.humaneval_temperature,
+                                   limit=c.limit, samples_path=self.out / f"humaneval_r{depth}.jsonl", **kwargs)
+            k = min(c.humaneval_k)
+            return {"score": scores[f"pass@{k}"], "stderr": scores[f"pass@{k}_stderr"], "metric": f"pass@{k}",
+                    "all": scores, "mean_steps": lm.mean_steps()}
+        import lm_eval
+
+        manager = self.task_manager()
+        name = self._local_names.get(task, task)
+        output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=c.limit,
+                                         num_fewshot=c.num_fewshot, log_samples=False,
+                                         gen_kwargs=f"max_gen_toks={c.max_gen_toks}" if c.max_gen_toks else None,
+                                         random_seed=c.seed, numpy_random_seed=c.seed, torch_random_seed=c.seed)
+        metrics = output["results"][name]
+        metric, score, stderr = _primary(metrics)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {"score": score, "stderr": stderr, "metric": metric, "all": clean, "mean_steps": lm.mean_steps()}
+
+    # ---- the sweep ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        pairs = [(row, task, depth) for row, task in self.rows() for depth in self.cfg.depths]
+        todo = [p for p in pairs if str(p[2]) not in self.document["results"].get(p[0], {})]
+        if len(todo) < len(pairs):
+            print(f"rdp eval: resuming, {len(pairs) - len(todo)} of {len(pairs)} (task, depth) pairs already in {self.path}")
+        bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="rdp eval", unit="pair",
+                   disable=not self.progress)
+        for row, task, depth in todo:
+            bar.set_postfix_str(f"{row} r={depth}")
+            started = time.perf_counter()
+            entry = self.evaluate(row, task, depth)
+            entry["seconds"] = round(time.perf_counter() - started, 3)
+            self.document["results"].setdefault(row, {})[str(depth)] = entry
+            _atomic_write(self.path, json.dumps(self.document, indent=2))
+            stderr = f" ± {entry['stderr']:.3f}" if entry.get("stderr") is not None else ""
+            bar.write(f"rdp eval: {row} r={depth}: {entry['metric']} {entry['score']:.4f}{stderr} "
+                      f"(mean steps {entry['mean_steps']:.2f}, {entry['seconds']:.1f}s)")
+            bar.update(1)
+        bar.close()
+        self.write_reports()
+        return self.document
+
+    def write_reports(self) -> None:
+        from evals.report import markdown_table, plot
+
+        _atomic_write(self.path, json.dumps(self.document, indent=2))
+        _atomic_write(self.out / TABLE_FILE, markdown_table(self.document))
+        plot(self.document, self.out / PLOT_FILE)
