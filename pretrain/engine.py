@@ -97,19 +97,31 @@ class GradientWatch:
             handle.remove()
 
 
+class LossOnly(torch.nn.Module):
+    """What the engine wraps: the model, returning its loss as a plain tensor. ZeRO-3 hooks
+    the module's outputs to know when backward reaches it, and it can only see tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_steps, init_scale: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.model(input_ids, labels=labels, num_steps=num_steps, init_scale=init_scale,
+                          return_logits=False, generator=generator).loss
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, mpu):
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
+    engine, _, _, _ = deepspeed.initialize(model=LossOnly(model), optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, dp_size))
     if cfg.parallel.zero_stage == 3:
         # used outside their own module's forward (tied head, fused injection): ZeRO-3 must
-        # keep them gathered for the whole forward
-        from deepspeed.zero import register_external_parameter
-
-        register_external_parameter(engine.module, engine.module.transformer.wte.weight)
-        register_external_parameter(engine.module, engine.module.transformer.adapter.weight)
+        # keep them gathered for the whole forward and backward
+        for param in (model.transformer.wte.weight, model.transformer.adapter.weight):
+            deepspeed.zero.register_external_parameter(engine.module, param)
     return engine, optimizer
 
 
@@ -125,7 +137,7 @@ def full_fp32_parameters(engine) -> Optional[list[tuple[str, torch.Tensor]]]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = []
-    for name, param in engine.module.named_parameters():
+    for name, param in engine.module.model.named_parameters():
         full = safe_get_full_fp32_param(param)
         out.append((name, (full if full is not None else param.detach()).float().cpu()))
     return out

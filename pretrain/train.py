@@ -74,7 +74,7 @@ class Trainer:
         self.specs = shard_specs(model)
         self.engine, self.optimizer = build_engine(model, config, self.ctx.dp_size, MegatronMPU())
         self._keep_rope_in_fp32()
-        self.watch = GradientWatch(self.engine.module)
+        self.watch = GradientWatch(model)
         self.sampler = DepthSampler.from_config(config.model, t.seed)
         self.flops = FlopsModel.from_config(config.model, config.data.seq_len)
         self.peak_flops = device_peak_flops(t.peak_flops)  # None on CPU: achieved FLOP/s only
@@ -92,7 +92,7 @@ class Trainer:
         # DeepSpeed's bf16 mode casts every buffer; the spec computes RoPE in fp32
         from kernels.reference import rope_cos_sin
 
-        m, module = self.config.model, self.engine.module
+        m, module = self.config.model, self.engine.module.model
         module.cos_sin = rope_cos_sin(m.head_dim, m.max_seq_len, m.rope_base, self.device)
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -108,7 +108,7 @@ class Trainer:
             first = self.samples_seen + self.ctx.dp_rank * mb
             inputs, labels = (x.to(self.device) for x in self.stream.next_batch())
             generator = torch.Generator(self.device).manual_seed(noise_seed(t.seed, first))
-            loss = self.engine(inputs, labels=labels, num_steps=(n, k), return_logits=False, generator=generator).loss
+            loss = self.engine(inputs, labels, (n, k), generator=generator)
             self.engine.backward(loss)
             loss_sum += loss.detach().double()
             self.samples_seen += dp * mb
@@ -318,8 +318,7 @@ class Trainer:
             total = 0.0
             for _ in range(batches):
                 inputs, labels = (x.to(self.device) for x in stream.next_batch())
-                total += self.engine(inputs, labels=labels, num_steps=depth, init_scale=0.0,
-                                     return_logits=False).loss.item()
+                total += self.engine(inputs, labels, depth, init_scale=0.0).item()
             losses[depth] = total / batches
         return losses
 
