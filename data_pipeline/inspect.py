@@ -91,7 +91,8 @@ def decode_samples(base: str, manifest: Manifest, tokenizer_path: str, count: in
     cache = ShardCache(base, manifest, verify=False)
     for index in range(min(count, manifest.shards[0].samples)):
         tokens = [int(t) for t in cache.read(0, index) if t != manifest.pad_token_id]
-        yield f"sample {index}: {tokenizer.decode(tokens)!r}"
+        text = tokenizer.decode(tokens)
+        yield f"sample {index}: {text[:300]!r}" + (f" ... ({len(text)} characters)" if len(text) > 300 else "")
     cache.close()
 
 

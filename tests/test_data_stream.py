@@ -194,3 +194,16 @@ def test_trainer_resumes_bit_identically_on_shards(shards, tmp_path):
     first = run(tmp_path / "b", 2, "data.num_workers=2")
     resumed = run(tmp_path / "b", 4, "data.num_workers=0", "train.resume=auto")
     assert len(straight) == 4 and first + resumed == straight
+
+
+def test_uint32_shards_stream_the_same_tokens(shards, tmp_path, monkeypatch):
+    """Vocabularies past 65536 store uint32; forced here on the small tokenizer."""
+    import data_pipeline.shards as writer
+
+    monkeypatch.setattr(writer, "token_dtype", lambda vocab_size: "uint32")
+    writer.write_shards([str(shards / "a")], str(shards / "tok.model"), str(tmp_path / "wide"),
+                        writer.ShardOptions(seq_len=SEQ_LEN, shard_bytes=37 * 1024, num_workers=0))
+    assert read_manifest(str(tmp_path / "wide")).dtype == "uint32"
+    wide, _ = global_rows(config(shards, paths=[str(tmp_path / "wide")]), 3, ranks=1, micro=8)
+    narrow, _ = global_rows(config(shards), 3, ranks=1, micro=8)
+    assert wide == narrow
