@@ -93,3 +93,15 @@ def test_public_entry_points_fall_back_to_reference(monkeypatch):
     torch.testing.assert_close(full, F.scaled_dot_product_attention(q, q, q, is_causal=True))
     x, w = torch.randn(4, 10), torch.rand(10)
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w)
+
+
+def test_triton_ops_fall_back_for_tensors_triton_cannot_reach(monkeypatch):
+    """model.kernels=auto on a GPU machine with a CPU model must not fail inside Triton."""
+    import kernels.triton_ops as T
+
+    monkeypatch.setattr(T, "INTERPRET", False)  # CPU tensors unreachable, as without the interpreter
+    torch.manual_seed(1)
+    x, f, w = torch.randn(3, 20), torch.randn(3, 20), torch.rand(20)
+    assert torch.equal(T.add_rms_norm(x, f, w, 1e-6), R.add_rms_norm(x, f, w, 1e-6))
+    q = torch.randn(1, 2, 5, 16)
+    assert torch.equal(T.attention(q, q, q, causal=True), R.attention(q, q, q, causal=True))

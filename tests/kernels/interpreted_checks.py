@@ -237,6 +237,25 @@ def test_linear_cross_entropy(chunk_rows, dtype):
             lambda x, w: R.linear_cross_entropy(x, w, labels) * 2.5, [x, w], dtype, "linear_cross_entropy")
 
 
+def test_linear_cross_entropy_never_forms_full_logits(monkeypatch):
+    """Every logits block the op materialises has at most chunk_rows tokens."""
+    import kernels.triton_linear as L
+
+    shapes = []
+    real_linear = L.F.linear
+
+    def recording_linear(x, w, *rest):
+        out = real_linear(x, w, *rest)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(L.F, "linear", recording_linear)
+    x, w = torch.randn(2, 9, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    T.linear_cross_entropy(x, w, torch.randint(0, 50, (2, 9)), chunk_rows=4).backward()
+    assert shapes == [(4, 50), (4, 50), (4, 50), (4, 50), (2, 50)]
+    assert x.grad is not None and w.grad is not None
+
+
 def test_linear_cross_entropy_bad_labels_and_all_ignored():
     x, w = torch.randn(2, 4, 8), torch.randn(50, 8)
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -258,6 +277,7 @@ def test_public_entry_points_run_triton_under_the_interpreter():
     assert_matches(y, R.rms_norm(x.double(), w.double(), 1e-6), torch.float32, "kernels.rms_norm")
     ops = kernels.get_ops("triton")
     assert ops.backend == "triton" and ops.attention is T.flash_attention and ops.rms_norm is T.rms_norm
+    assert ops.attention.triton_impl.__module__ == "kernels.triton_attention"
     assert kernels.get_ops("auto").backend == "torch"  # auto picks Triton on CUDA only
 
 
