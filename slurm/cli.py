@@ -1,4 +1,4 @@
-"""`rdp submit`, `rdp submit-eval`, `rdp status`."""
+"""`rdp submit`, `rdp submit-eval` (+ `rdp merge-eval`, run by its merge job), `rdp status`."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_shape_arguments(evaluate, time_default="01:00:00")
     evaluate.add_argument("--dry-run", action="store_true", help="write and print the scripts, submit nothing")
     evaluate.set_defaults(handler=run_submit_eval)
+
+    merge = commands.add_parser("merge-eval", help="merge the parts of a `rdp submit-eval` sweep (the merge job runs this)")
+    merge.add_argument("output_dir", help="the sweep's output folder (holds parts/)")
+    merge.add_argument("--expect", type=int, default=None, help="number of parts; fewer found is an error after merging")
+    merge.set_defaults(handler=run_merge_eval)
 
     status = commands.add_parser("status", help="jobs, newest checkpoint, tokens and loss of a run")
     status.add_argument("run_dir")
@@ -91,6 +96,21 @@ def run_submit_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"submitted eval array job {result.array_job_id} ({result.array_size} tasks) and merge job "
           f"{result.merge_job_id}; results in {result.output_dir}")
+    return 0
+
+
+def run_merge_eval(args: argparse.Namespace) -> int:
+    from slurm.eval_jobs import merge_parts
+
+    merged, missing = merge_parts(args.output_dir, args.expect)
+    from pathlib import Path
+
+    print((Path(args.output_dir) / "results.md").read_text(), end="")
+    print(f"rdp merge-eval: merged {sum(len(v) for v in merged['results'].values())} (row, depth) results "
+          f"into {args.output_dir}/results.json, results.md, results.png")
+    if missing:
+        print(f"rdp merge-eval: parts missing (their array tasks failed; see slurm/logs): {', '.join(missing)}")
+        return 1
     return 0
 
 

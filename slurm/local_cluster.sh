@@ -42,6 +42,7 @@ write_config() {
   local memory_mb
   # declare a bit less than what is free so slurmd never reports the node as short of memory
   memory_mb=$(awk '/MemAvailable/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
+  echo "NodeName=$node Name=token Count=1" >"$state_dir/gres.conf"
   cat >"$state_dir/slurm.conf" <<EOF
 # written by slurm/local_cluster.sh; see ../shared/notes/local-slurm.md for why each line
 ClusterName=rdp-local
@@ -79,7 +80,9 @@ MinJobAge=600
 SlurmdParameters=config_overrides
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName=$node CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$memory_mb State=UNKNOWN
+# one "token": a count-only resource a job can hold, so a test can preempt exactly that job
+GresTypes=token
+NodeName=$node CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$memory_mb Gres=token:1 State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP PriorityTier=1 OverSubscribe=NO
 PartitionName=urgent Nodes=$node Default=NO MaxTime=INFINITE State=UP PriorityTier=2 OverSubscribe=NO
 EOF
