@@ -74,16 +74,21 @@ def throughput(root: Path, seq_len: int) -> None:
     samples = manifest.num_samples
     tokens = samples * seq_len
     raw_read_seconds(directory)  # warm the page cache
-    raw = min(raw_read_seconds(directory)[0] for _ in range(3))
-    raw_rate = tokens / raw
-    print(f"\n== throughput: {samples} samples x {seq_len} tokens ({manifest.dtype}), {len(manifest.shards)} shards")
-    print(f"raw file read                 {raw_rate / 1e6:10.1f} M tokens/s  (ratio 1.000)")
-    for workers, verify in ((0, False), (0, True), (2, False)):
-        seconds = stream_seconds(directory, seq_len, workers, samples, verify)
-        rate = tokens / seconds
-        per_worker = rate / max(workers, 1)
-        label = f"stream, {'in-process' if workers == 0 else f'{workers} workers'}, verify={verify}"
-        print(f"{label:30s}{per_worker / 1e6:10.3f} M tokens/s per worker  (ratio {per_worker / raw_rate:.4f} of raw)")
+    variants = [(0, False), (0, True), (2, False)]
+    best = {"raw": float("inf"), **{v: float("inf") for v in variants}}
+    for _ in range(3):  # interleaved rounds, best of each: the machine is shared
+        best["raw"] = min(best["raw"], raw_read_seconds(directory)[0])
+        for workers, verify in variants:
+            best[(workers, verify)] = min(best[(workers, verify)],
+                                          stream_seconds(directory, seq_len, workers, samples, verify))
+    raw_rate = tokens / best["raw"]
+    print(f"\n== throughput: {samples} samples x {seq_len} tokens ({manifest.dtype}), {len(manifest.shards)} shards, "
+          f"best of 3 interleaved rounds")
+    print(f"{'raw file read':42s}{raw_rate / 1e6:10.1f} M tokens/s  (ratio 1.000)")
+    for workers, verify in variants:
+        per_worker = tokens / best[(workers, verify)] / max(workers, 1)
+        label = f"stream, {'in-process' if workers == 0 else f'{workers} DataLoader workers'}, verify={verify}"
+        print(f"{label:42s}{per_worker / 1e6:10.3f} M tokens/s per worker  (ratio {per_worker / raw_rate:.4f} of raw)")
 
 
 def fabricate_manifest(real: Path, out: Path, reach: int) -> int:

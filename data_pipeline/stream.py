@@ -77,12 +77,20 @@ class SampleReader:
             # a row of padding: no label counts, and no other rank's sample is taken instead
             return np.full(self.spec.seq_len + 1, self.spec.pad_id, dtype=np.int64)
 
-    def batch(self, step_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, step_position: int) -> np.ndarray:
+        """This rank's micro-batch of the step starting at `step_position`: (B, seq_len+1) ids."""
         first = step_position + self.spec.rank * self.spec.micro_batch_size
-        rows = torch.from_numpy(np.stack([self.sample(first + i) for i in range(self.spec.micro_batch_size)]))
-        inputs, labels = rows[:, :-1].contiguous(), rows[:, 1:].clone()
-        labels[labels == self.spec.pad_id] = IGNORE_INDEX
-        return inputs, labels
+        return np.stack([self.sample(first + i) for i in range(self.spec.micro_batch_size)])
+
+    def batch(self, step_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_rows(torch.from_numpy(self.rows(step_position)), self.spec.pad_id)
+
+
+def split_rows(rows: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = rows.long()
+    inputs, labels = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+    labels[labels == pad_id] = IGNORE_INDEX
+    return inputs, labels
 
 
 class _WorkerBatches(torch.utils.data.IterableDataset):
@@ -97,7 +105,8 @@ class _WorkerBatches(torch.utils.data.IterableDataset):
         stride = self.spec.world_size * self.spec.micro_batch_size
         step = worker
         while True:
-            yield reader.batch(self.start_position + step * stride)
+            # plain bytes through the worker pipe: cheaper than a shared-memory tensor per batch
+            yield reader.rows(self.start_position + step * stride).astype(np.int32).tobytes()
             step += workers
 
 
@@ -129,7 +138,8 @@ class ShardStream:
                     _WorkerBatches(self.spec, self.position), batch_size=None, num_workers=self.num_workers,
                     prefetch_factor=2, persistent_workers=False)
                 self._loader_iter = iter(loader)
-            batch = next(self._loader_iter)
+            rows = np.frombuffer(next(self._loader_iter), dtype=np.int32).reshape(self.spec.micro_batch_size, -1)
+            batch = split_rows(torch.from_numpy(rows.copy()), self.spec.pad_id)
         self.position += self.spec.world_size * self.spec.micro_batch_size
         return batch
 
