@@ -131,7 +131,10 @@ class Sweep:
 
                 include = str(self.out / "lm_eval_tasks")
                 self._local_names = write_local_tasks(self.cfg.gsm8k_path, include)
-            self._task_manager = TaskManager(include_path=include)
+            lm_eval_tasks = [t for t in self.cfg.tasks if t not in REASONING_TASKS and t != "humaneval"]
+            # indexing lm-eval's thousands of built-in task files takes minutes on a small machine
+            only_local = bool(lm_eval_tasks) and all(t in self._local_names for t in lm_eval_tasks)
+            self._task_manager = TaskManager(include_path=include, include_defaults=not only_local)
         return self._task_manager
 
     # ---- one (task, depth) ------------------------------------------------------------------
