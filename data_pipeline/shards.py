@@ -153,6 +153,17 @@ class _ShardSink:
         self._writer = self._file = None
 
 
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            os.remove(os.path.join(self.output_dir, self._name + ".tmp"))
+            self._writer = self._file = None
+        for entry in self.entries:
+            os.remove(os.path.join(self.output_dir, entry.name))
+        self.entries.clear()
+
+
 def parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     value = text.strip().lower().rstrip("b").rstrip("i")
@@ -198,6 +209,9 @@ def write_shards(inputs: list[str], tokenizer_path: str, output_dir: str, option
         for window in packer.finish():
             sink.write(window)
         sink.close_shard()
+    except BaseException:
+        sink.discard()  # a failed run leaves no half-written dataset behind (the directory had none)
+        raise
     finally:
         if pool is not None:
             pool.terminate()

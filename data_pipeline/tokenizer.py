@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from data_pipeline.corpus import expand_inputs, file_sha256, iter_corpus
+from data_pipeline.corpus import expand_inputs, file_sha256, read_documents
 from data_pipeline.manifest import DataError
 
 # sentencepiece drops training sentences longer than this (bytes); we cut documents into lines
@@ -35,16 +35,23 @@ def tokenizer_fingerprint(model_path: str) -> str:
 
 
 def _training_sentences(files: list[str], text_field: str, max_sentences: int) -> Iterator[str]:
-    count = 0
-    for document in iter_corpus(files, text_field):
-        for line in document.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", "ignore")
-            count += 1
-            if count >= max_sentences:
-                return
+    """At most max_sentences lines, an equal quota from each file (in order, one file open at
+    a time), so a bounded sample still spans every source."""
+    quota = -(-max_sentences // len(files))
+    for path in files:
+        taken = 0
+        documents = read_documents(path, text_field)
+        for document in documents:
+            for line in document.splitlines():
+                line = line.strip()
+                if line:
+                    yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", "ignore")
+                    taken += 1
+                if taken >= quota:
+                    break
+            if taken >= quota:
+                documents.close()
+                break
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output: str, ids: SpecialIds | None = None,

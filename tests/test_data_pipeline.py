@@ -152,7 +152,9 @@ def test_writer_bad_input_names_the_file(corpus, tmp_path):
     with gzip.open(broken, "wt") as f:
         f.write('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"broken.jsonl.gz:2: not valid JSON"):
-        write_shards([str(broken)], str(root / "tok.model"), str(tmp_path / "o"), ShardOptions(seq_len=8, num_workers=0))
+        write_shards([str(root / "corpus"), str(broken)], str(root / "tok.model"), str(tmp_path / "o"),
+                     ShardOptions(seq_len=8, shard_bytes=8192, num_workers=0))
+    assert os.listdir(tmp_path / "o") == []  # shards written before the error are removed again
     with pytest.raises(DataError, match="no file matches"):
         expand_inputs([str(tmp_path / "nothing-*.jsonl")])
     (tmp_path / "o2").mkdir()
