@@ -1,8 +1,10 @@
 """End to end against a real single-node SLURM cluster (slurm/local_cluster.sh): real
 munged, slurmctld, slurmd, sbatch, srun and the real trainer inside the jobs.
 
-The cluster starts once for this module and stops at its end. Every wait polls squeue /
-scontrol / the run dir; nothing sleeps a fixed time."""
+The cluster starts once for this module and stops at its end. The four training jobs are
+submitted together at the start and run side by side (the node declares more CPUs than
+it has); a driver thread signals or preempts each at its moment, so the tests only wait
+for outcomes. Every wait polls scontrol / the run dir; nothing sleeps a fixed time."""
 from __future__ import annotations
 
 import json
@@ -11,8 +13,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -24,7 +29,7 @@ RDP = [str(REPO / ".venv" / "bin" / "python"), "-m", "launch.cli"]
 # every job trains this run; a job signalled or preempted anywhere must end identical to it
 TRAIN_OVERRIDES = ["train.max_steps=40", "train.checkpoint_every=10", "train.eval_depths=[]",
                    "train.log_every=1"]
-JOB_TIMEOUT = 240  # a guard against a hung job, not a performance assertion
+JOB_TIMEOUT = 600  # a guard against a hung job, not a performance assertion
 
 
 def _free_port() -> int:
@@ -42,7 +47,7 @@ def cluster():
     state_dir = Path(tempfile.mkdtemp(prefix="rdp-slurm-test-"))
     state_dir.chmod(0o755)
     env = {**os.environ, "RDP_SLURM_CTLD_PORT": str(_free_port()), "RDP_SLURM_SLURMD_PORT": str(_free_port()),
-           "RDP_SLURM_CPUS": "8"}
+           "RDP_SLURM_CPUS": "16"}
     started = subprocess.run([str(CLUSTER_SCRIPT), "start", str(state_dir)], env=env, capture_output=True,
                              text=True, timeout=120)
     if started.returncode != 0:
@@ -141,8 +146,11 @@ def loss_log(run_dir: Path) -> list[tuple]:
     """Everything the trainer logs per step except wall-clock speed and whether a stop was
     requested at that step (true where the interrupted run was signalled)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [tuple(sorted((k, v) for k, v in r.items() if k not in ("tokens_per_s", "stop_requested")))
-            for r in records]
+    return [tuple(sorted((k, v) for k, v in r.items() if not _timing_or_control(k))) for r in records]
+
+
+def _timing_or_control(key: str) -> bool:
+    return key == "stop_requested" or key.endswith(("_per_s", "mfu", "hfu", "seconds", "time"))
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -162,92 +170,173 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert not different, f"tensors differ from the uninterrupted run: {different}"
 
 
-# ---- tests -----------------------------------------------------------------------------------
+# ---- the jobs and the driver that interrupts them --------------------------------------------
+@dataclass
+class Scenario:
+    """A job plus the interruptions to apply to it, each when its condition first holds."""
+    run_dir: Path
+    job_id: str
+    actions: list[tuple[str, Callable[[], bool], Callable[[], None]]] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def _segment(array_id: str, index: int, env: dict) -> dict:
+    return next((r for r in job_records(array_id, env) if r.get("ArrayTaskId") == str(index)), {})
+
+
+def _drive(scenarios: dict[str, Scenario], stop: threading.Event) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not stop.is_set() and time.monotonic() < deadline:
+        pending = [s for s in scenarios.values() if len(s.done) < len(s.actions) and not s.error]
+        if not pending:
+            return
+        for scenario in pending:
+            what, ready, act = scenario.actions[len(scenario.done)]
+            try:
+                if ready():
+                    act()
+                    scenario.done.append(what)
+            except Exception as exc:  # noqa: BLE001 - reported by the test that owns the scenario
+                scenario.error = f"{what}: {exc!r}"
+        stop.wait(0.25)
+    for scenario in scenarios.values():
+        if len(scenario.done) < len(scenario.actions) and not scenario.error:
+            scenario.error = f"never reached: {scenario.actions[len(scenario.done)][0]}"
+
+
 @pytest.fixture(scope="module")
-def reference_run(cluster, tmp_path_factory):
-    """The uninterrupted 2-task run every interrupted run is compared against."""
-    run_dir = tmp_path_factory.mktemp("slurm-runs") / "reference"
-    job_id = submit(cluster, run_dir)
-    state, restarts = wait_finished(job_id, cluster, run_dir)
-    return run_dir, job_id, state, restarts
+def jobs(cluster, tmp_path_factory):
+    env, base = cluster, tmp_path_factory.mktemp("slurm-runs")
+    # the preemption victim holds the node's one "token"; an urgent job asking for it can only
+    # start by preempting that job, and leaves the other runs alone
+    token_site = base / "token-site.yaml"
+    token_site.write_text("name: local-with-token\npartition: debug\nsignal_seconds: 30\n"
+                          "env: {OMP_NUM_THREADS: '1', PYTHONUNBUFFERED: '1'}\nsbatch_lines: ['--gres=token:1']\n")
+    scenarios = {
+        "reference": Scenario(base / "reference", submit(env, base / "reference")),
+        "signalled": Scenario(base / "signalled", submit(env, base / "signalled")),
+        "preempted": Scenario(base / "preempted", submit(env, base / "preempted", "--site", str(token_site))),
+        "chained": Scenario(base / "chained", submit(env, base / "chained", "--chain", "3")),
+    }
+    signalled, preempted, chained = scenarios["signalled"], scenarios["preempted"], scenarios["chained"]
+    for attempt, after_step in enumerate((8, 22)):
+        signalled.actions.append((
+            f"USR1 to attempt {attempt} past step {after_step}",
+            lambda a=attempt, n=after_step: (job_state(signalled.job_id, env) == ("RUNNING", a)
+                                             and last_step(signalled.run_dir) >= n),
+            lambda: signal_batch(signalled.job_id, "USR1", env)))
+    preempted.actions.append((
+        "urgent job for the token past step 12",
+        lambda: job_state(preempted.job_id, env)[0] == "RUNNING" and last_step(preempted.run_dir) >= 12,
+        lambda: run(["sbatch", "--parsable", "--partition=urgent", "--gres=token:1", "--ntasks=1",
+                     f"--output={base}/urgent-%j.out", "--wrap", "echo urgent work done"], env)))
+    # USR1 is what the time limit sends (--signal=B:USR1@T): each segment stops on it
+    for segment, after_step in enumerate((8, 22)):
+        chained.actions.append((
+            f"USR1 to segment {segment} past step {after_step}",
+            lambda i=segment, n=after_step: (_segment(chained.job_id, i, env).get("JobState") == "RUNNING"
+                                             and last_step(chained.run_dir) >= n),
+            lambda i=segment: signal_batch(f"{chained.job_id}_{i}", "USR1", env)))
+    stop = threading.Event()
+    driver = threading.Thread(target=_drive, args=(scenarios, stop), daemon=True)
+    driver.start()
+    yield scenarios
+    stop.set()
+    driver.join()
 
 
-def test_two_task_job_trains_and_checkpoints(cluster, reference_run):
-    run_dir, job_id, state, restarts = reference_run
-    assert (state, restarts) == ("COMPLETED", 0), logs(run_dir)
-    records = job_records(job_id, cluster)[0]
-    assert (records["NumNodes"], records["NumTasks"]) == ("1", "2")
+def finished(scenario: Scenario, env: dict) -> tuple[str, int]:
+    assert not scenario.error, scenario.error + "\n" + logs(scenario.run_dir)
+    return wait_finished(scenario.job_id, env, scenario.run_dir)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_two_task_job_trains_and_checkpoints(cluster, jobs):
+    reference = jobs["reference"]
+    assert finished(reference, cluster) == ("COMPLETED", 0), logs(reference.run_dir)
+    record = job_records(reference.job_id, cluster)[0]
+    assert (record["NumNodes"], record["NumTasks"]) == ("1", "2")
+    run_dir = reference.run_dir
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
+    assert (run_dir / "FINISHED").exists()
     assert [dict(r)["step"] for r in loss_log(run_dir)] == list(range(1, 41))
     log = logs(run_dir)
     assert "starting training step on 1 node(s)" in log and "run finished" in log
     status = run([*RDP, "status", str(run_dir)], cluster).stdout.splitlines()
     assert status[0] == f"run {run_dir} (finished)"
-    assert status[2].split() == [job_id, "COMPLETED"]
-    assert "newest checkpoint: step_00000040 (step 40)" in status
+    assert status[2].split() == [reference.job_id, "COMPLETED"]
+    assert "newest checkpoint: step_00000040 (step 40)" in status and "last logged step: 40" in status
 
 
-def test_signalled_twice_requeues_twice_and_matches_uninterrupted_run(cluster, reference_run, tmp_path):
-    run_dir = tmp_path / "signalled"
-    job_id = submit(cluster, run_dir)
-    for attempt, after_step in enumerate((8, 22)):
-        wait_until(lambda: job_state(job_id, cluster) == ("RUNNING", attempt) and last_step(run_dir) >= after_step,
-                   f"attempt {attempt} of job {job_id} to pass step {after_step}", on_timeout=lambda: logs(run_dir))
-        signal_batch(job_id, "USR1", cluster)
-        # the requeue shows as a new restart count; the job must not simply finish
-        wait_until(lambda: job_state(job_id, cluster)[1] == attempt + 1,
-                   f"job {job_id} to be requeued after signal {attempt + 1}", on_timeout=lambda: logs(run_dir))
-    assert wait_finished(job_id, cluster, run_dir) == ("COMPLETED", 2), logs(run_dir)
-    log = logs(run_dir)
+def test_eval_array_job_produces_the_merged_table(cluster, jobs, tmp_path):
+    reference = jobs["reference"]
+    assert finished(reference, cluster)[0] == "COMPLETED"
+    out = tmp_path / "sweep"
+    submitted = run([*RDP, "submit-eval", str(reference.run_dir), "--tasks", "parity", "--depths", "1,2,4",
+                     "--site", "local", "--time", "00:10:00", "--output", str(out),
+                     "--eval-args", "--reasoning-examples 8"], cluster).stdout.split()
+    assert submitted[:4] == ["submitted", "eval", "array", "job"] and submitted[5:7] == ["(3", "tasks)"]
+    array_id, merge_id = submitted[4], submitted[10].rstrip(";")
+    assert submitted[-1] == str(out)
+    wait_until(lambda: job_state(merge_id, cluster)[0] in ("COMPLETED", "FAILED", "CANCELLED"),
+               f"merge job {merge_id}", on_timeout=lambda: "\n".join(p.read_text() for p in out.glob("slurm/logs/*")))
+    assert sorted(r["JobState"] for r in job_records(array_id, cluster)) == ["COMPLETED"] * 3
+    assert job_state(merge_id, cluster)[0] == "COMPLETED"
+    merged = json.loads((out / "results.json").read_text())
+    rows = ["parity/easy", "parity/hard32", "parity/hard64"]
+    assert list(merged["results"]) == rows
+    for index, depth in enumerate((1, 2, 4)):
+        part = json.loads((out / "parts" / f"{index:03d}" / "results.json").read_text())
+        assert merged["checkpoint"] == part["checkpoint"] and merged["settings"] == part["settings"]
+        for row in rows:
+            assert merged["results"][row][str(depth)] == part["results"][row][str(depth)]
+    table = (out / "results.md").read_text().splitlines()
+    assert "| task | metric | r=1 | r=2 | r=4 |" in table
+    assert [line.split(" | ")[0] for line in table if line.startswith("| parity/")] == [f"| {r}" for r in rows]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_signalled_twice_requeues_twice_and_matches_uninterrupted_run(cluster, jobs):
+    signalled = jobs["signalled"]
+    assert finished(signalled, cluster) == ("COMPLETED", 2), logs(signalled.run_dir)
+    log = logs(signalled.run_dir)
     assert log.count("got SIGUSR1; forwarding it to the training step") == 2
     assert log.count("run not finished; requeueing job") == 2
-    assert all(f"job {job_id} restart {n}] starting training step" in log for n in (0, 1, 2))
-    assert_same_run(run_dir, reference_run[0])
+    assert all(f"job {signalled.job_id} restart {n}] starting training step" in log for n in (0, 1, 2))
+    assert finished(jobs["reference"], cluster)[0] == "COMPLETED"
+    assert_same_run(signalled.run_dir, jobs["reference"].run_dir)
+    status = run([*RDP, "status", str(signalled.run_dir)], cluster).stdout.splitlines()
+    assert status[2].split() == [signalled.job_id, "COMPLETED", "restarts=2"]
 
 
-def test_preempted_job_is_requeued_and_matches_uninterrupted_run(cluster, reference_run, tmp_path):
-    run_dir = tmp_path / "preempted"
-    job_id = submit(cluster, run_dir, "--partition", "debug")
-    wait_until(lambda: job_state(job_id, cluster)[0] == "RUNNING" and last_step(run_dir) >= 12,
-               f"job {job_id} to pass step 12", on_timeout=lambda: logs(run_dir))
-    # the whole node, in the higher-tier partition: SLURM must preempt (requeue) the run
-    urgent = run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--ntasks=1",
-                  f"--output={tmp_path}/urgent.out", "--wrap", "echo urgent work done"], cluster).stdout.strip()
-    wait_until(lambda: job_state(urgent, cluster)[0] == "COMPLETED", f"urgent job {urgent} to run",
-               on_timeout=lambda: logs(run_dir))
-    assert wait_finished(job_id, cluster, run_dir) == ("COMPLETED", 1), logs(run_dir)
-    log = logs(run_dir)
+def test_preempted_job_is_requeued_and_matches_uninterrupted_run(cluster, jobs):
+    preempted = jobs["preempted"]
+    assert finished(preempted, cluster) == ("COMPLETED", 1), logs(preempted.run_dir)
+    log = logs(preempted.run_dir)
     assert "DUE TO PREEMPTION" in log and "got SIGTERM; forwarding it to the training step" in log
-    assert f"job {job_id} restart 1] starting training step" in log
-    assert_same_run(run_dir, reference_run[0])
+    assert f"job {preempted.job_id} restart 1] starting training step" in log
+    assert_same_run(preempted.run_dir, jobs["reference"].run_dir)
+    # only the token holder was preempted
+    assert finished(jobs["reference"], cluster) == ("COMPLETED", 0)
 
 
-def test_chain_of_three_segments_continues_one_run(cluster, reference_run, tmp_path):
-    run_dir = tmp_path / "chained"
-    array_id = submit(cluster, run_dir, "--chain", "3")
-
-    def segment_running(index: int):
-        return any(r.get("ArrayTaskId") == str(index) and r["JobState"] == "RUNNING"
-                   for r in job_records(array_id, cluster))
-
-    # USR1 is what the time limit sends (--signal=B:USR1@T); each segment stops on it
-    for segment, after_step in enumerate((8, 22)):
-        wait_until(lambda: segment_running(segment) and last_step(run_dir) >= after_step,
-                   f"segment {segment} to pass step {after_step}", on_timeout=lambda: logs(run_dir))
-        task_id = next(r["JobId"] for r in job_records(array_id, cluster) if r.get("ArrayTaskId") == str(segment))
-        signal_batch(task_id, "USR1", cluster)
+def test_chain_of_three_segments_continues_one_run(cluster, jobs):
+    chained = jobs["chained"]
+    assert not chained.error, chained.error + "\n" + logs(chained.run_dir)
 
     def all_done():
-        records = job_records(array_id, cluster)
-        states = sorted((r.get("ArrayTaskId"), r["JobState"], r.get("Restarts")) for r in records)
+        states = sorted((r.get("ArrayTaskId"), r["JobState"], r.get("Restarts"))
+                        for r in job_records(chained.job_id, cluster))
         return states if len(states) == 3 and all(s[1] not in ("PENDING", "RUNNING", "COMPLETING")
                                                   for s in states) else None
-    states = wait_until(all_done, f"all segments of {array_id}", on_timeout=lambda: logs(run_dir))
-    assert states == [("0", "COMPLETED", "0"), ("1", "COMPLETED", "0"), ("2", "COMPLETED", "0")], logs(run_dir)
-    segment_logs = sorted((run_dir / "slurm" / "logs").glob(f"rdp-chained-{array_id}_*.out"))
-    assert [p.name for p in segment_logs] == [f"rdp-chained-{array_id}_{i}.out" for i in range(3)]
+    states = wait_until(all_done, f"all segments of {chained.job_id}", on_timeout=lambda: logs(chained.run_dir))
+    assert states == [("0", "COMPLETED", "0"), ("1", "COMPLETED", "0"), ("2", "COMPLETED", "0")], \
+        logs(chained.run_dir)
+    segment_logs = sorted((chained.run_dir / "slurm" / "logs").glob(f"rdp-chained-{chained.job_id}_*.out"))
+    assert [p.name for p in segment_logs] == [f"rdp-chained-{chained.job_id}_{i}.out" for i in range(3)]
     texts = [p.read_text() for p in segment_logs]
     assert all("starting training step" in text for text in texts)
-    assert "the next segment of the chain continues it" in texts[0] and "the next segment" in texts[1]
+    assert all("run not finished; the next segment of the chain continues it" in text for text in texts[:2])
     assert "run finished" in texts[2] and "requeueing" not in "".join(texts)
-    assert_same_run(run_dir, reference_run[0])
+    assert_same_run(chained.run_dir, jobs["reference"].run_dir)
