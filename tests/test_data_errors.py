@@ -28,6 +28,11 @@ MODEL = [f"model.vocab_size={VOCAB}", "model.bos_token_id=480", "model.eos_token
 BAD = "shard-000001.tar"
 
 
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
@@ -124,8 +129,7 @@ def test_missing_shard(shards):
 
 @pytest.mark.timeout(120)
 def test_unreachable_url_names_the_shard(shards):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
-    handler.log_message = lambda *a: None
+    handler = functools.partial(QuietHandler, directory=str(shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

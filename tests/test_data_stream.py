@@ -24,6 +24,11 @@ MODEL = [f"model.vocab_size={VOCAB}", "model.bos_token_id=480", "model.eos_token
          f"model.pad_token_id={PAD}", "model.end_turn_token_id=484"]
 
 
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Two sources made with one tokenizer; shards of uneven size (the last one is short)."""
@@ -146,8 +151,7 @@ def test_mixing_follows_the_weights_deterministically(shards):
 
 def test_http_and_pipe_sources_give_the_same_rows(shards):
     reference, _ = global_rows(config(shards), 3, ranks=1, micro=4)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
-    handler.log_message = lambda *a: None
+    handler = functools.partial(QuietHandler, directory=str(shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
