@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -60,6 +61,18 @@ def _chunks(documents: Iterator[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _ordered(pool, chunks: Iterator[list[str]], window: int) -> Iterator[list[np.ndarray]]:
+    """Tokenized chunks in input order, with at most `window` chunks in flight: unlike
+    Pool.imap, neither the corpus nor finished results pile up in memory."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode, (chunk,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # ---- packing ----
@@ -196,7 +209,7 @@ def write_shards(inputs: list[str], tokenizer_path: str, output_dir: str, option
     if options.num_workers > 0:
         context = multiprocessing.get_context("spawn")  # no fork of a possibly threaded parent
         pool = context.Pool(options.num_workers, initializer=_init_worker, initargs=(tokenizer_path,))
-        encoded = pool.imap(_encode, chunks, chunksize=1)
+        encoded = _ordered(pool, chunks, window=4 * options.num_workers)
     else:
         pool = None
         _init_worker(tokenizer_path)

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.corpus import expand_inputs, iter_corpus
 from data_pipeline.manifest import DataError, read_manifest
@@ -70,6 +71,7 @@ def test_round_trip_keep_all(corpus, tmp_path):
     expected = np.concatenate([np.r_[tokenizer.encode(d), EOS] for d in documents])
     windows = read_all_windows(tmp_path / "s", manifest)
     assert windows.shape == (manifest.num_samples, SEQ_LEN + 1)
+    assert np.array_equal(stream_in_shard_order(tmp_path / "s", manifest), windows)
     assert (windows[:-1, -1] == windows[1:, 0]).all()  # consecutive windows share one token
     stream = np.concatenate([windows[0], windows[1:, 1:].reshape(-1)])
     assert (stream[len(expected):] == PAD).all() and len(stream) - len(expected) == manifest.padding_tokens
@@ -173,6 +175,28 @@ def read_all_windows(directory, manifest) -> np.ndarray:
             for sample in wds.WebDataset(urls, shardshuffle=False)]
     assert [len(rows)] == [manifest.num_samples]
     return np.stack(rows)
+
+
+def stream_in_shard_order(directory, manifest) -> np.ndarray:
+    """One epoch through build_stream (the trainer's entry point), each row put back at the
+    (shard, sample) the global order says it came from."""
+    from data_pipeline import build_stream
+    from pretrain.config import load_config
+
+    cfg = load_config("tiny", [f"model.vocab_size={VOCAB}", f"model.bos_token_id={BOS}", f"model.eos_token_id={EOS}",
+                               f"model.pad_token_id={PAD}", "model.end_turn_token_id=484", "data.source=webdataset",
+                               f"data.paths=[{directory}]", f"data.seq_len={SEQ_LEN}"]).data
+    n = manifest.num_samples
+    stream = build_stream(cfg, VOCAB, n)
+    inputs, labels = stream.next_batch()
+    rows = torch.cat([inputs, torch.where(labels[:, -1:] == -100, PAD, labels[:, -1:])], 1).numpy()
+    starts = np.cumsum([0] + [s.samples for s in manifest.shards])
+    placed = np.full_like(rows, -1)
+    for position in range(n):
+        where = stream._reader.locate(position)[1]
+        placed[starts[where.shard] + where.sample] = rows[position]
+    assert not np.array_equal(rows, placed)  # the stream's order is a permutation, not shard order
+    return placed
 
 
 def test_read_manifest_missing(tmp_path):
