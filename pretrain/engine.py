@@ -36,11 +36,21 @@ class SkippableAdamW(torch.optim.AdamW):
 
     skip = False
 
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        # a per-group step count (as DeepSpeed's own Adam keeps) lets ZeRO-1/2 save the
+        # "elastic" optimizer state that can be re-split over another number of DP ranks
+        for group in self.param_groups:
+            group.setdefault("step", 0)
+
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
             return None
-        return super().step(closure)
+        loss = super().step(closure)
+        for group in self.param_groups:
+            group["step"] += 1
+        return loss
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> SkippableAdamW:

@@ -127,16 +127,8 @@ class Trainer:
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
-        if skip:
-            self.skipped_steps += 1
-            self.bad_steps_in_row += 1
-            if self.bad_steps_in_row >= t.max_bad_steps:
-                raise TrainingError(
-                    f"step {self.step}: loss or gradient non-finite for {self.bad_steps_in_row} steps in a row "
-                    f"(train.max_bad_steps={t.max_bad_steps}); stopping without checkpointing this state "
-                    f"(the last checkpoint, if any, is intact)")
-        else:
-            self.bad_steps_in_row = 0
+        self.skipped_steps += skip
+        self.bad_steps_in_row = self.bad_steps_in_row + 1 if skip else 0
         mean_loss = float(verdict[0]) / self.ctx.world_size
         return {"step": self.step, "loss": mean_loss, "tokens": self.tokens_seen, "n": n, "k": k, "lr": lr,
                 "grad_norm": float("nan") if skip or grad_norm is None else float(grad_norm),
@@ -207,10 +199,21 @@ class Trainer:
         if state["precision"] != self.config.train.precision:
             raise CheckpointError(f"{directory}: written with train.precision={state['precision']}, "
                                   f"this run has {self.config.train.precision}")
-        loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+        resharding = p.zero_stage in (1, 2) and state["data_parallel"] != self.ctx.dp_size
+        if resharding and state["data_parallel"] < self.ctx.dp_size:
+            raise CheckpointError(f"{directory}: ZeRO-{p.zero_stage} state of {state['data_parallel']} data-parallel "
+                                  f"ranks can be resumed on as many or fewer ranks, not {self.ctx.dp_size}")
+        # DeepSpeed refuses any DP change up front, although its ZeRO-1/2 optimizer can merge and
+        # re-split an elastic checkpoint; so load weights first, then the optimizer state through
+        # that same elastic path
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=not resharding,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load {DEEPSPEED_TAG}/")
+        if resharding:
+            saved_partitions = self.engine._get_all_zero_checkpoints(str(directory), DEEPSPEED_TAG)
+            self.engine.optimizer._load_legacy_checkpoint(saved_partitions, load_optimizer_states=True,
+                                                          load_from_fp32_weights=True)
         self._keep_rope_in_fp32()
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.samples_seen = int(state["samples_seen"])
@@ -276,6 +279,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", nk=f"({record['n']},{record['k']})",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
+                if self.bad_steps_in_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"step {self.step}: loss or gradient non-finite for {self.bad_steps_in_row} steps in a row "
+                        f"(train.max_bad_steps={t.max_bad_steps}); stopping without checkpointing this state "
+                        f"(skipped steps never changed the weights; the last checkpoint is intact)")
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or record["stop_requested"]:
                     self.save_checkpoint()
                     saved_at = self.step

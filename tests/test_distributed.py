@@ -1,0 +1,349 @@
+"""Distributed training on gloo, on this machine: megatron-core TP, DeepSpeed ZeRO 0-3,
+exact resume, crash safety of checkpoints, DP resharding, launchers.
+
+The 2-rank runs share one torchrun launch (megatron/DeepSpeed imports are paid once) and
+the 1-rank runs happen in this process. Run as a script, this file is the worker those
+launches execute: `python tests/test_distributed.py worker SPEC.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+# the tiny preset, smaller batches; vocab 127 and intermediate 151 are not divisible by 2,
+# so TP=2 exercises the padded vocabulary and MLP shards
+BASE = ["data.seq_len=32", "train.micro_batch_size=2", "train.precision=fp32", "train.eval_depths=[]",
+        "model.vocab_size=127", "model.intermediate_size=151", "train.checkpoint_every=100", "train.keep_last=10"]
+EXACT_ENOUGH = 1e-5
+
+pytestmark = pytest.mark.multiprocess
+
+
+def config(run_dir, *extra):
+    from pretrain.config import load_config
+
+    return load_config("tiny", BASE + [f"train.run_dir={run_dir}", *extra])
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def child_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    return env
+
+
+def launch(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def write_spec(path: Path, scenarios: dict[str, list[str]]) -> Path:
+    path.write_text(json.dumps({"scenarios": scenarios}))
+    return path
+
+
+# ---- the runs the comparisons share ------------------------------------------------------------
+TWO_RANK = {
+    "tp2": ["parallel.tensor_parallel=2", "train.max_steps=5"],
+    "dp2_zero0": ["train.max_steps=5"],
+    "dp2_zero1": ["train.max_steps=5", "parallel.zero_stage=1"],
+    "dp2_zero2": ["train.max_steps=6", "parallel.zero_stage=2", "train.checkpoint_every=3"],
+    "dp2_zero3": ["train.max_steps=5", "parallel.zero_stage=3"],
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_rank")
+    spec = write_spec(root / "spec.json", {str(root / name): extra for name, extra in TWO_RANK.items()})
+    launch([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(Path(__file__)), "worker", str(spec)])
+    return {name: root / name for name in TWO_RANK}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One process, 8 steps, checkpoints at 3 and 6 (and 8)."""
+    from pretrain.train import train
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(config(run_dir, "train.max_steps=8", "train.checkpoint_every=3"), progress=False)
+    return run_dir
+
+
+# ---- parallel layouts give the same training -----------------------------------------------------
+def test_tensor_parallel_2_matches_single_device(two_rank_runs, reference_run):
+    from pretrain.checkpoint import load_model
+
+    tp2, tp1 = losses(two_rank_runs["tp2"]), losses(reference_run)[:5]
+    assert len(tp2) == 5
+    assert max(abs(a - b) for a, b in zip(tp2, tp1)) < EXACT_ENOUGH, (tp2, tp1)
+    # the TP shards were consolidated into the single-device layout at save time
+    model = load_model(two_rank_runs["tp2"])
+    assert model.transformer.wte.weight.shape == (127, 64)
+    assert model.transformer.core_block[0].mlp.fc.weight.shape == (302, 64)
+
+
+def test_data_parallel_2_matches_one_rank_with_gradient_accumulation(two_rank_runs, tmp_path):
+    from pretrain.train import train
+
+    train(config(tmp_path, "train.max_steps=5", "train.grad_accum_steps=2"), progress=False)
+    dp2, accumulated = metrics(two_rank_runs["dp2_zero0"]), metrics(tmp_path)
+    assert [r["tokens"] for r in dp2] == [r["tokens"] for r in accumulated] == [i * 4 * 32 for i in range(1, 6)]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(dp2, accumulated)) < EXACT_ENOUGH
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(dp2, accumulated)) < EXACT_ENOUGH
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_match_stage_0(two_rank_runs, stage):
+    reference, sharded = metrics(two_rank_runs["dp2_zero0"]), metrics(two_rank_runs[f"dp2_zero{stage}"])[:5]
+    assert len(sharded) == 5
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(reference, sharded)) < EXACT_ENOUGH
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(reference, sharded)) < EXACT_ENOUGH
+
+
+# ---- checkpoints and resume ---------------------------------------------------------------------------
+def test_resume_from_step_3_is_bit_identical(reference_run, tmp_path):
+    from pretrain.train import train
+
+    checkpoint = reference_run / "checkpoints" / "step_00000003"
+    result = train(config(tmp_path, "train.max_steps=8", "train.checkpoint_every=3", f"train.resume={checkpoint}"),
+                   progress=False)
+    resumed, uninterrupted = metrics(tmp_path), metrics(reference_run)[3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6, 7, 8] and result.final_step == 8
+    for key in ("loss", "grad_norm", "tokens", "data_position", "n", "k", "lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in uninterrupted], key
+    assert (tmp_path / "FINISHED").exists()
+
+
+def test_data_parallel_2_to_1_resume_continues_the_data(two_rank_runs, tmp_path):
+    from pretrain.train import train
+
+    source = two_rank_runs["dp2_zero2"]
+    shutil.copytree(source / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000003")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
+    # 1 rank, ZeRO-2, accumulation 2: the same global batch as 2 ranks
+    train(config(tmp_path, "train.max_steps=6", "parallel.zero_stage=2", "train.grad_accum_steps=2",
+                 "train.resume=auto"), progress=False)
+    resumed, original = metrics(tmp_path), metrics(source)[3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    # position 12 after 3 steps of 2 ranks x 2 samples, then 4 new samples per step: none repeated
+    assert [r["data_position"] for r in resumed] == [16, 20, 24] == [r["data_position"] for r in original]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, original)) < EXACT_ENOUGH
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path):
+    from pretrain.checkpoint import load_model
+    from pretrain.train import train
+
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "writing"
+    spec = write_spec(tmp_path / "spec.json", {str(run_dir): ["train.max_steps=8", "train.checkpoint_every=3"]})
+    process = subprocess.Popen([PYTHON, str(Path(__file__)), "block-in-checkpoint", str(spec), str(marker)],
+                               cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert process.poll() is None, f"worker exited early:\n{process.stdout.read()[-4000:]}"
+            assert time.time() < deadline, "the worker never reached the checkpoint at step 6"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000003"
+    assert (checkpoints / ".tmp-step_00000006").exists() and not (checkpoints / "step_00000006").exists()
+    reference = load_model(reference_run / "checkpoints" / "step_00000003")
+    survivor = load_model(run_dir)
+    for (name, a), b in zip(reference.state_dict().items(), survivor.state_dict().values()):
+        assert a.equal(b), name
+
+    train(config(run_dir, "train.max_steps=8", "train.checkpoint_every=3", "train.resume=auto"), progress=False)
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))  # steps 4-5 of the killed run were dropped
+    assert [r["loss"] for r in records] == losses(reference_run)
+    assert not list(checkpoints.glob(".tmp-*"))
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_used(reference_run, tmp_path):
+    from pretrain.checkpoint import load_model
+    from pretrain.train import train
+
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    for name in ("step_00000008",):
+        shutil.rmtree(tmp_path / "checkpoints" / name)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000006")
+    shard = tmp_path / "checkpoints" / "step_00000006" / "deepspeed" / "mp_rank_00_model_states.pt"
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    with pytest.warns(UserWarning, match="step_00000006.*truncated"):
+        model = load_model(tmp_path)
+    step3 = load_model(reference_run / "checkpoints" / "step_00000003")
+    assert all(a.equal(b) for a, b in zip(model.state_dict().values(), step3.state_dict().values()))
+    with pytest.warns(UserWarning, match="step_00000006"):
+        train(config(tmp_path, "train.max_steps=8", "train.checkpoint_every=3", "train.resume=auto"), progress=False)
+    assert [r["loss"] for r in metrics(tmp_path)] == losses(reference_run)[3:]
+
+
+def test_stop_signal_checkpoints_at_the_step_boundary_and_exits_cleanly(reference_run, tmp_path):
+    from pretrain.train import train
+
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "spec.json", {str(run_dir): ["train.max_steps=8", "train.checkpoint_every=3"]})
+    process = subprocess.Popen([PYTHON, str(Path(__file__)), "slow-cli", str(spec)], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 1):
+        assert process.poll() is None, process.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-4000:]
+    stopped_at = metrics(run_dir)[-1]["step"]
+    assert stopped_at < 8 and not (run_dir / "FINISHED").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+
+    train(config(run_dir, "train.max_steps=8", "train.checkpoint_every=3", "train.resume=auto"), progress=False)
+    assert losses(run_dir) == losses(reference_run)
+    assert (run_dir / "FINISHED").exists()
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    import torch
+
+    from pretrain import engine
+    from pretrain.checkpoint import load_model
+    from pretrain.train import TrainingError, train
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    calls = {"n": 0}
+    original = engine.LossOnly.forward
+
+    def faulty(self, *args, **kwargs):
+        calls["n"] += 1  # one call per micro-batch = per step here
+        loss = original(self, *args, **kwargs)
+        if calls["n"] == 2:
+            return NanGradient.apply(loss)  # finite loss, non-finite gradient
+        if calls["n"] in (4, 5):
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(engine.LossOnly, "forward", faulty)
+    with pytest.raises(TrainingError, match=r"step 5: .*non-finite for 2 steps in a row"):
+        train(config(tmp_path, "train.max_steps=8", "train.checkpoint_every=1", "parallel.zero_stage=2",
+                     "train.max_bad_steps=2"), progress=False)
+    records = metrics(tmp_path)
+    assert [r["skipped"] for r in records] == [False, True, False, True, True]
+    assert records[1]["loss"] == records[1]["loss"]  # the gradient, not the loss, was bad at step 2
+    assert [r["skipped_total"] for r in records] == [0, 1, 1, 2, 3]
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert not (checkpoints / "step_00000005").exists()
+    weights = {s: list(load_model(checkpoints / f"step_{s:08d}").state_dict().values()) for s in (1, 2, 3, 4)}
+    # a skipped step leaves every weight as it was; a good one moves them
+    assert all(a.equal(b) for a, b in zip(weights[1], weights[2]))
+    assert all(a.equal(b) for a, b in zip(weights[3], weights[4]))
+    assert not all(a.equal(b) for a, b in zip(weights[2], weights[3]))
+
+
+# ---- launchers ---------------------------------------------------------------------------------------
+def test_mpirun_trains_like_torchrun(two_rank_runs, tmp_path):
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "mpirun not found: install Open MPI (Debian: apt-get install openmpi-bin libopenmpi-dev)"
+    spec = write_spec(tmp_path / "spec.json", {str(tmp_path / "run"): ["train.max_steps=2"]})
+    launch([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+            PYTHON, str(Path(__file__)), "worker", str(spec)])
+    via_mpi, via_torchrun = losses(tmp_path / "run"), losses(two_rank_runs["dp2_zero0"])[:2]
+    assert max(abs(a - b) for a, b in zip(via_mpi, via_torchrun)) < 1e-6
+
+
+def test_single_process_cli_trains(tmp_path):
+    launch([PYTHON, "-m", "launch.cli", "train", "tiny", "--no-progress", f"train.run_dir={tmp_path}",
+            "train.max_steps=2", *BASE])
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert (tmp_path / "FINISHED").exists()
+
+
+# ---- worker entry points (executed by the launches above) ----------------------------------------------
+def _scenarios(spec_file: str):
+    return json.loads(Path(spec_file).read_text())["scenarios"].items()
+
+
+def _worker(spec_file: str) -> None:
+    from pretrain.train import train
+
+    for run_dir, extra in _scenarios(spec_file):
+        train(config(run_dir, *extra), progress=False)
+
+
+def _block_in_checkpoint(spec_file: str, marker: str) -> None:
+    """Train; on the second checkpoint, stop half-way through writing it (the test SIGKILLs)."""
+    from pretrain import train as train_module
+
+    original = train_module.save_model_weights
+    saves = {"n": 0}
+
+    def blocking(model, directory, cfg, state=None):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            (Path(directory) / "model.safetensors").write_bytes(b"partial")
+            Path(marker).touch()
+            time.sleep(600)
+        return original(model, directory, cfg, state=state)
+
+    train_module.save_model_weights = blocking
+    _worker(spec_file)
+
+
+def _slow_cli(spec_file: str) -> None:
+    """`rdp train` with a pause after each step, so a signal lands mid-run."""
+    from launch.cli import main
+    from pretrain import train as train_module
+
+    original = train_module.Trainer.train_step
+
+    def slow(self):
+        record = original(self)
+        time.sleep(0.5)
+        return record
+
+    train_module.Trainer.train_step = slow
+    (run_dir, extra), = _scenarios(spec_file)
+    sys.exit(main(["train", "tiny", "--no-progress", *BASE, f"train.run_dir={run_dir}", *extra]))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    mode, *arguments = sys.argv[1:]
+    {"worker": _worker, "block-in-checkpoint": _block_in_checkpoint, "slow-cli": _slow_cli}[mode](*arguments)
