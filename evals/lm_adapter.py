@@ -6,6 +6,7 @@ evaluated at a chosen test-time depth, optionally with per-token adaptive exit.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +59,10 @@ class RecurrentDepthLM(TemplateLM):
                  cache: str = "full", cache_slots: int = 4, tokenizer=None, seed: int = 1234,
                  max_length: Optional[int] = None, model=None, **unused):
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI defaults to cuda:0; like its HF model, fall back rather than fail
+            warnings.warn(f"rdp: device={device} requested but CUDA is not available; using cpu")
+            device = "cpu"
         if model is None:
             if checkpoint is None:
                 raise ValueError("rdp: model_args needs checkpoint=PATH")

@@ -79,3 +79,19 @@ def test_reasoning_command_trains_with_the_normal_trainer_and_sweeps(tmp_path):
     document = json.loads((out / "eval" / "results.json").read_text())
     assert set(document["results"]) == {"parity/easy", "parity/hard32", "parity/hard64"}
     assert (out / "eval" / "results.png").exists()
+
+
+def test_harness_cli_takes_lm_eval_flags(checkpoint, tmp_path, monkeypatch, capsys):
+    from evals.gsm8k import write_local_tasks
+    from evals.harness import main as harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_local_tasks(write_gsm8k_jsonl(tmp_path / "gsm8k"), tmp_path / "tasks")
+    harness(["--model", "rdp", "--model_args", f"checkpoint={checkpoint},num_steps=2,exit_criterion=latent-diff,"
+             "exit_threshold=0.3", "--tasks", "gsm8k_local", "--include_path", str(tmp_path / "tasks"),
+             "--limit", "1", "--num_fewshot", "1", "--gen_kwargs", "max_gen_toks=4", "--batch_size", "1",
+             "--output_path", str(tmp_path / "out"), "--local_tasks_only"])
+    printed = capsys.readouterr().out
+    assert "gsm8k_local" in printed and "exact_match" in printed
+    assert "rdp: num_steps=2 exit=latent-diff mean recurrence steps per token:" in printed
+    assert list((tmp_path / "out").rglob("results_*.json"))
