@@ -149,7 +149,7 @@ def test_mixing_follows_the_weights_deterministically(shards):
     assert state["epoch"] >= 1  # source b (40 documents) has been through more than one epoch
 
 
-def test_http_and_pipe_sources_give_the_same_rows(shards):
+def test_http_pipe_and_file_url_sources_give_the_same_rows(shards):
     reference, _ = global_rows(config(shards), 3, ranks=1, micro=4)
     handler = functools.partial(QuietHandler, directory=str(shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -163,6 +163,7 @@ def test_http_and_pipe_sources_give_the_same_rows(shards):
         server.server_close()
     piped = global_rows(config(shards, paths=[f"'pipe:cat {shards}/a-shards/{{}}'"]), 3, ranks=1, micro=4)[0]
     assert piped == reference
+    assert global_rows(config(shards, paths=[f"file://{shards}/a-shards"]), 3, ranks=1, micro=4)[0] == reference
     with pytest.raises(DataError, match=r"manifest http://127.0.0.1:\d+/a-shards/manifest.json: cannot be read"):
         build_stream(config(shards, paths=[url]), VOCAB, 4)
 
