@@ -211,15 +211,20 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _launch_config(head_dim: int, seq_q: int) -> dict:
+def _launch_config(head_dim: int, seq_q: int, dtype: torch.dtype) -> dict:
     """Tile sizes. The interpreter runs each program through numpy, so small tiles there
-    keep the tests exercising several blocks and ragged tails on tiny shapes."""
+    keep the tests exercising several blocks and ragged tails on tiny shapes. fp32 tiles
+    are halved: twice the bytes per element would overflow shared memory."""
     if INTERPRET:
         return dict(fwd=(16, 16, {}), bwd=(16, 16, {}))
     block_m = 16 if seq_q <= 16 else (64 if seq_q <= 64 else 128)  # decode: few query rows
     big_d = next_pow2(head_dim) > 64
-    fwd = (block_m, 64, dict(num_warps=8 if big_d else 4, num_stages=3 if big_d else 4))
-    bwd = (min(block_m, 64), 64, dict(num_warps=8 if big_d else 4, num_stages=2))
+    warps = 8 if big_d else 4
+    if dtype == torch.float32:
+        return dict(fwd=(min(block_m, 64), 32, dict(num_warps=warps, num_stages=2)),
+                    bwd=(min(block_m, 32), 32, dict(num_warps=warps, num_stages=1)))
+    fwd = (block_m, 64, dict(num_warps=warps, num_stages=3 if big_d else 4))
+    bwd = (min(block_m, 64), 64, dict(num_warps=warps, num_stages=2))
     return dict(fwd=fwd, bwd=bwd)
 
 
@@ -256,7 +261,7 @@ def attention_forward(q, k, v, causal: bool):
     seq_k = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch * heads, seq_q, dtype=torch.float32, device=q.device)
-    block_m, block_n, opts = _launch_config(head_dim, seq_q)["fwd"]
+    block_m, block_n, opts = _launch_config(head_dim, seq_q, q.dtype)["fwd"]
     sm_scale = 1.0 / math.sqrt(head_dim)
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
     _attn_fwd_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -270,7 +275,7 @@ def attention_backward(q, k, v, out, lse, grad_out, causal: bool):
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     grad_out = _unit_last(grad_out)
-    block_m, block_n, opts = _launch_config(head_dim, seq_q)["bwd"]
+    block_m, block_n, opts = _launch_config(head_dim, seq_q, q.dtype)["bwd"]
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](

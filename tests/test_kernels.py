@@ -105,3 +105,16 @@ def test_triton_ops_fall_back_for_tensors_triton_cannot_reach(monkeypatch):
     assert torch.equal(T.add_rms_norm(x, f, w, 1e-6), R.add_rms_norm(x, f, w, 1e-6))
     q = torch.randn(1, 2, 5, 16)
     assert torch.equal(T.attention(q, q, q, causal=True), R.attention(q, q, q, causal=True))
+
+
+def test_attention_forward_compiles_for_h100():
+    """The interpreter compiles nothing: build the flash-attention forward (3.5B shapes, bf16,
+    the GPU tile config) down to an sm_90 cubin with Triton's bundled ptxas, no GPU needed.
+    `python -m kernels.aot_check` does the same for every kernel (about a minute)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90", "--dtypes", "bf16",
+                           "--only", "_attn_fwd"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "_attn_fwd_kernel" in line]
+    assert len(lines) == 2 and all(line.startswith("ok") for line in lines), proc.stdout  # prefill + decode tiles
