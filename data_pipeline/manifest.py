@@ -137,12 +137,24 @@ def read_manifest(base: str) -> Manifest:
     return Manifest.from_json(text, location)
 
 
+# An http(s) transfer slower than 1 KiB/s for this long is abandoned: a stalled server gives
+# an error naming the shard, never a hang.
+STALL_SECONDS = 60
+HTTP_RETRIES = 3
+
+
 def read_remote(location: str, what: str) -> bytes:
-    """All bytes behind a URL or pipe: command, opened by webdataset's gopen (curl for http)."""
+    """All bytes behind a URL or pipe: command, opened by webdataset's gopen (via curl for http)."""
+    import shlex
+
     from webdataset.gopen import gopen
 
+    opened = location
+    if location.startswith(("http://", "https://")):
+        opened = (f"pipe:curl -f -s -S -L --connect-timeout 30 --retry {HTTP_RETRIES} --speed-limit 1024 "
+                  f"--speed-time {STALL_SECONDS} {shlex.quote(location)}")
     try:
-        stream = gopen(location, "rb")
+        stream = gopen(opened, "rb")
         try:
             data = stream.read()
         finally:

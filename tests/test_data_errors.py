@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +174,32 @@ def test_skip_corrupt_skips_with_warning_and_counter(clean, shards, caplog):
     # every other row is exactly what the intact shards give at that position
     assert torch.equal(inputs[~dropped], reference[0][~dropped])
     assert torch.equal(labels[~dropped], reference[1][~dropped])
+
+
+class StallingHandler(QuietHandler):
+    """Serves the manifest, then sends headers for a shard and no data."""
+
+    def do_GET(self):
+        if not self.path.endswith(".tar"):
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        time.sleep(20)
+
+
+@pytest.mark.timeout(60)
+def test_stalled_server_is_an_error_not_a_hang(shards, monkeypatch):
+    import data_pipeline.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "STALL_SECONDS", 2)
+    monkeypatch.setattr(manifest_module, "HTTP_RETRIES", 0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(StallingHandler, directory=str(shards)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(DataError, match=rf"shard {url}/shard-0000\d\d.tar: cannot be read"):
+            stream_for(url).next_batch()
+    finally:
+        server.shutdown()
+        server.server_close()
