@@ -12,6 +12,8 @@ COMMAND_MODULES = ("pretrain.cli", "data_pipeline.cli", "evals.cli", "slurm.cli"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdp", description="Pretrain and evaluate recurrent-depth language models.")
+    # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
