@@ -178,7 +178,8 @@ class Sweep:
                                          random_seed=c.seed, numpy_random_seed=c.seed, torch_random_seed=c.seed)
         metrics = output["results"][name]
         metric, score, stderr = _primary(metrics)
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {k: (None if math.isnan(float(v)) else float(v)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}  # strict JSON: no NaN
         return {"score": score, "stderr": stderr, "metric": metric, "all": clean, "mean_steps": lm.mean_steps()}
 
     # ---- the sweep ----------------------------------------------------------------------------
