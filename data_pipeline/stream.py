@@ -167,3 +167,4 @@ class ShardStream:
         if self._reader:
             for cache in self._reader.caches:
                 cache.close()
+        self._reader = None  # a later next_batch reopens what it needs
