@@ -1,4 +1,8 @@
-"""Triton kernels vs the PyTorch reference, run on CPU through Triton's interpreter.
+"""Triton kernels vs the PyTorch reference, run on CPU through Triton's interpreter, or
+compiled on a CUDA device when one is present and TRITON_INTERPRET is not set:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels/interpreted_checks.py   # CPU
+    .venv/bin/python -m pytest -q tests/kernels/interpreted_checks.py                      # GPU
 
 Not collected by the main pytest run: tests/test_kernels.py runs this file in a separate
 pytest process with TRITON_INTERPRET=1 (the variable must be set before triton is first
@@ -20,7 +24,11 @@ import os
 import pytest
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run me with TRITON_INTERPRET=1 (see tests/test_kernels.py)"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+assert INTERPRET or torch.cuda.is_available(), "run me with TRITON_INTERPRET=1 (see tests/test_kernels.py) or on a GPU"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if DEVICE == "cuda":
+    torch.set_default_device(DEVICE)  # this file runs in its own process
 
 import kernels  # noqa: E402
 from kernels import reference as R  # noqa: E402
@@ -278,7 +286,7 @@ def test_public_entry_points_run_triton_under_the_interpreter():
     ops = kernels.get_ops("triton")
     assert ops.backend == "triton" and ops.attention is T.flash_attention and ops.rms_norm is T.rms_norm
     assert ops.attention.triton_impl.__module__ == "kernels.triton_attention"
-    assert kernels.get_ops("auto").backend == "torch"  # auto picks Triton on CUDA only
+    assert kernels.get_ops("auto").backend == ("triton" if torch.cuda.is_available() else "torch")
 
 
 # ---- the whole tiny model ------------------------------------------------------------------
@@ -301,8 +309,8 @@ def _tiny_models():
     from pretrain.model import build_model
 
     cfg = load_config("tiny").model  # the configs/tiny.yaml shape
-    torch_model = build_model(dataclasses.replace(cfg, kernels="torch"), seed=0)
-    triton_model = build_model(dataclasses.replace(cfg, kernels="triton"), seed=1)
+    torch_model = build_model(dataclasses.replace(cfg, kernels="torch"), device=DEVICE, seed=0)
+    triton_model = build_model(dataclasses.replace(cfg, kernels="triton"), device=DEVICE, seed=1)
     triton_model.load_state_dict(torch_model.state_dict())
     with torch.no_grad():  # non-trivial norm weights and q/k biases, so their grads are exercised
         for model in (torch_model, triton_model):
@@ -321,7 +329,7 @@ def test_tiny_model_same_logits_and_grads():
     labels = torch.randint(0, cfg.vocab_size, (2, 13))
     results = []
     for model in (torch_model, triton_model):
-        out = model(tokens, labels=labels, num_steps=(1, 2), generator=torch.Generator().manual_seed(5))
+        out = model(tokens, labels=labels, num_steps=(1, 2), generator=torch.Generator(DEVICE).manual_seed(5))
         out.loss.backward()
         results.append((out.logits, out.loss, {n: p.grad for n, p in model.named_parameters()}))
     (ref_logits, ref_loss, ref_grads), (tri_logits, tri_loss, tri_grads) = results
@@ -337,7 +345,7 @@ def test_tiny_model_same_logits_and_grads():
 def test_tiny_model_decode_with_kv_cache():
     """Prefill + one decoded token through a KV cache (Sq = 1 < Sk) matches the torch path."""
     cfg, torch_model, triton_model = _tiny_models()
-    tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(14))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator(DEVICE).manual_seed(14))
     logits = []
     with torch.no_grad():
         for model in (torch_model, triton_model):
@@ -353,10 +361,10 @@ def test_tiny_model_bf16_runs_and_agrees():
     Triton path and agrees with the torch path within bf16 noise (loss to 1e-2, logits and
     adapter grad to 5e-2 of their largest magnitude; see the bf16 caveat at the top)."""
     cfg, torch_model, triton_model = _tiny_models()
-    tokens = torch.randint(0, cfg.vocab_size, (1, 11), generator=torch.Generator().manual_seed(15))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 11), generator=torch.Generator(DEVICE).manual_seed(15))
     results = []
     for model in (torch_model.to(torch.bfloat16), triton_model.to(torch.bfloat16)):
-        out = model(tokens, labels=tokens, num_steps=(1, 1), generator=torch.Generator().manual_seed(0))
+        out = model(tokens, labels=tokens, num_steps=(1, 1), generator=torch.Generator(DEVICE).manual_seed(0))
         out.loss.backward()
         assert out.logits.dtype == torch.float32 and model.transformer.adapter.weight.grad.dtype == torch.bfloat16
         results.append((out.loss, out.logits, model.transformer.adapter.weight.grad.float()))
