@@ -106,14 +106,17 @@ def fabricate_manifest(real: Path, out: Path, reach: int) -> int:
     return len(data["shards"])
 
 
-def resume_seconds(directory: Path, seq_len: int, position: int) -> float:
+def resume_seconds(directory: Path, seq_len: int, position: int, verify: bool) -> tuple[float, float]:
+    """(build_stream incl. reading the manifest, load_state_dict + first batch)."""
+    cfg = data_config(str(directory), seq_len, f"data.verify_checksums={str(verify).lower()}")
     start = time.perf_counter()
-    stream = build_stream(data_config(str(directory), seq_len), VOCAB, 8)
+    stream = build_stream(cfg, VOCAB, 8)
+    built = time.perf_counter()
     stream.load_state_dict({"position": position})
     stream.next_batch()
-    elapsed = time.perf_counter() - start
+    done = time.perf_counter()
     stream.close()
-    return elapsed
+    return built - start, done - built
 
 
 def resume(root: Path) -> None:
@@ -127,14 +130,21 @@ def resume(root: Path) -> None:
     samples = read_manifest(str(big)).num_samples
     print(f"\n== resume: fabricated manifest of {entries:,} shard entries ({samples:,} samples per epoch) "
           f"over {len(list(real.glob('*.tar')))} real shards")
-    times = {0: [], RESUME_POSITION: []}
-    for _ in range(5):
-        for position in times:
-            times[position].append(resume_seconds(big, seq_len, position))
-    base = statistics.median(times[0])
-    for position, values in times.items():
-        median = statistics.median(values)
-        print(f"position {position:>12,}: {median * 1e3:8.1f} ms (median of 5)  ratio {median / base:.3f}")
+    print("(with verify, the first batch also hashes the shard it lands in: the shard at position 0 may be a\n"
+          " short last shard and the one at 195,312,500 a full one, so compare the verify=False line for the seek)")
+    for verify in (False, True):
+        times = {0: [], RESUME_POSITION: []}
+        for _ in range(7):  # interleaved, medians: the machine is shared
+            for position in times:
+                times[position].append(resume_seconds(big, seq_len, position, verify))
+        base_total = statistics.median(sum(t) for t in times[0])
+        base_seek = statistics.median(t[1] for t in times[0])
+        for position, values in times.items():
+            build = statistics.median(t[0] for t in values)
+            seek = statistics.median(t[1] for t in values)
+            total = statistics.median(sum(t) for t in values)
+            print(f"verify={verify!s:5} position {position:>11,}: build_stream {build * 1e3:6.0f} ms, load_state_dict + "
+                  f"first batch {seek * 1e3:6.1f} ms (ratio {seek / base_seek:.2f}), total ratio {total / base_total:.2f}")
 
 
 def main() -> None:
