@@ -160,11 +160,25 @@ class _ShardSink:
         size = os.path.getsize(tmp)
         if size < self._count * self.stride + 2 * TAR_BLOCK:
             raise DataError(f"{tmp}: tar is {size} bytes, expected at least {self._count * self.stride}")
+        self._check_layout(tmp)
         self.entries.append(ShardEntry(name=self._name, samples=self._count, bytes=size,
                                        sha256=file_sha256(tmp), first_offset=0, stride=self.stride))
         os.replace(tmp, os.path.join(self.output_dir, self._name))
         self._writer = self._file = None
 
+    def _check_layout(self, path: str) -> None:
+        """The stream finds sample i at i * stride; make sure the tar writer laid it out so
+        (a writer that added extended headers would break that silently)."""
+        from data_pipeline.reader import parse_member_header
+
+        with open(path, "rb") as f:
+            for index in {0, self._count - 1}:
+                f.seek(index * self.stride)
+                name, size = parse_member_header(f.read(TAR_BLOCK))
+                expected = f"{sample_key(len(self.entries), index)}.{self.dtype}"
+                if (name, size) != (expected, self.data_bytes):
+                    raise DataError(f"{path}: member {index} is {name!r} ({size} bytes) at offset "
+                                    f"{index * self.stride}, expected {expected!r} ({self.data_bytes} bytes)")
 
     def discard(self) -> None:
         if self._writer is not None:
