@@ -5,7 +5,7 @@ step), and the watch on gradients that decides such a skip before any weight mov
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -140,14 +140,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def full_fp32_parameters(engine) -> Optional[list[tuple[str, torch.Tensor]]]:
+def fp32_parameters(engine) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 tensor) for every parameter, this TP rank's shard, complete over DP: the
     optimizer's fp32 master copy where one exists (bf16, ZeRO), else the weight itself.
-    Collective under ZeRO-3: every rank must call it."""
+    Lazy, and collective under ZeRO (every DP rank must consume it)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    out = []
     for name, param in engine.module.model.named_parameters():
         full = safe_get_full_fp32_param(param)
-        out.append((name, (full if full is not None else param.detach()).float().cpu()))
-    return out
+        yield name, (full if full is not None else param.detach()).float()

@@ -249,19 +249,26 @@ def build_parallel_model(cfg: ModelConfig, seed: int, device: str | torch.device
     return model
 
 
-def gather_full_state_dict(tensors: Iterable[tuple[str, torch.Tensor]], specs: dict[str, ShardSpec]) -> dict[str, torch.Tensor]:
-    """All ranks of the TP group call this; every rank gets the full (single-device) tensors."""
+def gather_full_state_dict(tensors: Iterable[tuple[str, torch.Tensor]], specs: dict[str, ShardSpec],
+                           device: torch.device | str = "cpu", keep: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
+    """All ranks of the TP group call this. Returns the full (single-device) fp32 tensors on
+    the CPU, kept only where `keep` (one writer needs them, not every rank: a full 3.5B copy
+    per rank would not fit a node's memory), and whether every tensor was finite. One tensor
+    at a time, so a rank never holds more than one full tensor on the device."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
-    full = {}
+    full, finite = {}, True
     for name, tensor in tensors:
+        tensor = tensor.detach().float()
         if name in specs and tp > 1:
-            pieces = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(pieces, tensor.contiguous(), group=group)
-            full[name] = specs[name].unshard(pieces)
-        else:
-            full[name] = tensor
-    return full
+            local = tensor.to(device).contiguous()  # NCCL gathers device tensors only
+            pieces = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(pieces, local, group=group)
+            tensor = specs[name].unshard(pieces)
+        finite = finite and bool(torch.isfinite(tensor).all())
+        if keep:
+            full[name] = tensor.cpu()
+    return full, finite

@@ -29,7 +29,7 @@ from pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE
                                  set_rng_state, staging_dir, write_json)
 from pretrain.config import RunConfig, to_dict, to_yaml
 from pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
-from pretrain.engine import GradientWatch, build_engine, full_fp32_parameters, lr_factor, set_lr
+from pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr_factor, set_lr
 from pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from pretrain.sampler import DepthSampler
 
@@ -161,9 +161,9 @@ class Trainer:
             remove_stale_staging(self.ckpt_root)
             (staging / "rng").mkdir(parents=True)
         dist.barrier()
-        full = gather_full_state_dict(full_fp32_parameters(self.engine), self.specs)
-        finite = torch.tensor([all(bool(torch.isfinite(v).all()) for v in full.values())], dtype=torch.float64,
-                              device=self.device)
+        full, finite = gather_full_state_dict(fp32_parameters(self.engine), self.specs, self.device,
+                                              keep=self.ctx.is_main)
+        finite = torch.tensor([float(finite)], dtype=torch.float64, device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite.item()):
             raise TrainingError(f"step {self.step}: weights are non-finite; refusing to checkpoint this state")
@@ -309,8 +309,7 @@ class Trainer:
         run that then died), so the file holds exactly one record per step."""
         path = self.run_dir / METRICS_FILE
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= self.step]
             path.write_text("".join(line + "\n" for line in kept))
         return open(path, "a")
 
@@ -333,6 +332,14 @@ class Trainer:
     def close(self) -> None:
         self.watch.remove()
         self.engine.destroy()
+
+
+def _step_of(line: str) -> float:
+    """Step of one metrics line; a line torn by a crash counts as past any resume point."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
