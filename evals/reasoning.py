@@ -130,15 +130,19 @@ class ReasoningStream:
 
 @torch.no_grad()
 def exact_match(model, task: ReasoningTask, length: int, depth: int, num_examples: int = 256,
-                batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
-    """Whole-answer exact match (all positions right) at test-time depth `depth`, with the
-    binomial standard error; deterministic state init (init_scale 0)."""
+                batch_size: int = 64, seed: int = 0) -> tuple[float, float, float]:
+    """Whole-answer exact match (all positions right) at test-time depth `depth`, its
+    binomial standard error, and the per-position accuracy (partial progress that exact
+    match hides); deterministic state init (init_scale 0)."""
     device = next(model.parameters()).device
-    correct = 0
+    correct = positions_right = 0
     for first in range(0, num_examples, batch_size):
         count = min(batch_size, num_examples - first)
         inputs, labels = task.batch(seed + EVAL_SEED_OFFSET, first, count, length)
         logits = model(inputs.to(device), num_steps=(depth, 0), init_scale=0.0).logits
-        correct += int((logits.argmax(-1).cpu() == labels).all(dim=-1).sum())
+        right = logits.argmax(-1).cpu() == labels
+        correct += int(right.all(dim=-1).sum())
+        positions_right += int(right.sum())
     accuracy = correct / num_examples
-    return accuracy, math.sqrt(max(accuracy * (1 - accuracy), 0.0) / num_examples)
+    return (accuracy, math.sqrt(max(accuracy * (1 - accuracy), 0.0) / num_examples),
+            positions_right / (num_examples * length))

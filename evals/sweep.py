@@ -155,9 +155,10 @@ class Sweep:
 
             spec = REASONING_TASKS[task]
             length = spec.splits()[row.split("/", 1)[1]]
-            score, stderr = exact_match(self.model(), spec, length, depth, c.reasoning_examples, seed=c.seed)
+            score, stderr, per_position = exact_match(self.model(), spec, length, depth, c.reasoning_examples,
+                                                      seed=c.seed)
             return {"score": score, "stderr": stderr, "metric": f"exact_match (length {length})",
-                    "mean_steps": float(depth)}
+                    "all": {"exact_match": score, "position_accuracy": per_position}, "mean_steps": float(depth)}
         lm = self.lm(depth)
         if task == "humaneval":
             from evals.humaneval import run_humaneval
