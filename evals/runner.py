@@ -34,6 +34,8 @@ class DepthSettings:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.cache not in CACHE_CHOICES:
             raise ValueError(f"cache must be one of {CACHE_CHOICES}, got {self.cache!r}")
+        if self.cache == "modulo" and self.cache_slots < 1:
+            raise ValueError(f"cache=modulo needs cache_slots >= 1, got {self.cache_slots}")
         if self.exit_criterion in ("", "none"):
             self.exit_criterion = None
         if self.exit_criterion is not None:

@@ -83,6 +83,13 @@ class Sweep:
             raise SweepError("give at least one task (--tasks) and one depth (--depths)")
         if any(d < 1 for d in cfg.depths):
             raise SweepError(f"--depths must be >= 1, got {cfg.depths}")
+        try:  # bad exit criterion / cache names fail now, not after hours of other tasks
+            from evals.runner import DepthSettings
+
+            DepthSettings(num_steps=1, cache=cfg.cache, cache_slots=cfg.cache_slots,
+                          exit_criterion=cfg.exit_criterion, exit_threshold=cfg.exit_threshold)
+        except ValueError as exc:
+            raise SweepError(str(exc)) from None
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
