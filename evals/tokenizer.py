@@ -37,7 +37,9 @@ class EvalTokenizer:
         return self._sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
+        # specials and ids past the tokenizer's vocabulary (the model's vocab is padded) have no text
+        size = self.vocab_size
+        ids = [i for i in ids if i not in (self.bos_id, self.eos_id) and 0 <= i < size]
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=False)
         return self._sp.decode(ids)
