@@ -86,6 +86,19 @@ def copy_bandwidth(device: str, measure) -> float:
     return 2 * src.numel() * src.element_size() / measure(lambda: dst.copy_(src))
 
 
+def peak_extra_memory(device: str, fn: Callable[[], object]) -> float:
+    """MiB allocated by one call above what was live before it (CUDA only): shows e.g.
+    that chunked cross-entropy never holds tokens x vocab fp32 logits."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> Callable[[], None]:
     """A closure that runs fn forward and backward with a fixed output gradient."""
     out = fn(*inputs)
@@ -216,7 +229,8 @@ def main() -> None:
     print(f"# measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; peak dense bf16: "
           f"{peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else
           f"# measured copy bandwidth: {bandwidth / 1e9:.2f} GB/s; peak FLOP/s: unknown for this device")
-    header = f"{'op':22s} {'mode':8s} {'impl':16s} {'time':>11s} {'rate':>16s} {'of peak':>8s}  speed-up of triton"
+    header = (f"{'op':22s} {'mode':8s} {'impl':16s} {'time':>11s} {'rate':>16s} {'of peak':>8s} "
+              f"{'peak MiB':>9s}  speed-up of triton")
     print(header)
     print("-" * len(header))
     wanted = set(filter(None, args.only.split(",")))
@@ -224,6 +238,7 @@ def main() -> None:
         if wanted and name not in wanted:
             continue
         timings: dict[str, Optional[float]] = {}
+        extra_mib: dict[str, float] = {}
         for impl, fn in impls.items():
             if isinstance(fn, tuple):  # ("compile", eager fn, inputs, mode): built lazily
                 if args.no_compile:
@@ -233,6 +248,7 @@ def main() -> None:
                 fn = forward_only(compiled, inputs) if how == "fwd" else fwd_bwd(compiled, inputs)
             try:
                 timings[impl] = measure(fn)
+                extra_mib[impl] = peak_extra_memory(device, fn)
             except torch.OutOfMemoryError:
                 timings[impl] = None
                 torch.cuda.empty_cache()
@@ -248,10 +264,12 @@ def main() -> None:
                 rate_s, frac = f"{rate / 1e9:10.1f} GB/s", rate / bandwidth
             frac_s = f"{100 * frac:7.1f}%" if frac is not None else f"{'-':>8s}"
             ratio = f"{seconds / base:6.2f}x" if base and impl != "triton" else ""
-            print(f"{name:22s} {mode:8s} {impl:16s} {seconds * 1e3:8.3f} ms {rate_s:>16s} {frac_s}  {ratio}")
+            mem = f"{extra_mib[impl]:9.0f}" if device == "cuda" else f"{'-':>9s}"
+            print(f"{name:22s} {mode:8s} {impl:16s} {seconds * 1e3:8.3f} ms {rate_s:>16s} {frac_s} {mem}  {ratio}")
     print("# 'of peak': TFLOP/s rows vs the dense bf16 peak; GB/s rows vs the copy bandwidth above "
           "(bytes = the minimum the op must read + write).")
-    print("# speed-up of triton = baseline time / triton time (> 1: Triton is faster).")
+    print("# speed-up of triton = baseline time / triton time (> 1: Triton is faster); "
+          "peak MiB = memory one call allocates above what was live before it.")
 
 
 if __name__ == "__main__":
