@@ -199,8 +199,9 @@ def _segment(array_id: str, index: int, env: dict) -> dict:
 def _past_first_periodic_checkpoint(chained: Scenario, env: dict) -> bool:
     if _segment(chained.job_id, 1, env).get("JobState") != "RUNNING":
         return False
-    latest = (chained.run_dir / "checkpoints" / "latest").read_text().strip()
-    resumed_at = int(latest.removeprefix("step_"))  # where segment 0 stopped
+    # where segment 0 stopped (the "latest" pointer moves on with segment 1's own checkpoints)
+    segment0_log = (chained.run_dir / "slurm" / "logs" / f"rdp-chained-{chained.job_id}_0.out").read_text()
+    resumed_at = int(re.search(r"checkpoint at step (\d+) written", segment0_log).group(1))
     return last_step(chained.run_dir) >= (resumed_at // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY + 2
 
 
