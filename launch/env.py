@@ -52,6 +52,24 @@ def _int_var(env, name: str) -> int:
         raise LaunchError(f"environment variable {name}={env[name]!r} is not an integer") from None
 
 
+def routable_address() -> str:
+    """This host's address as other nodes reach it. Debian maps the host name to 127.0.1.1, so
+    a loopback answer is replaced by the address of the interface the routing table would use
+    to leave the host (a UDP connect sends nothing)."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        address = "127.0.0.1"
+    if not address.startswith("127."):
+        return address
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
+    except OSError:
+        return address
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
@@ -124,7 +142,7 @@ def _from_mpi(env, names) -> ProcessEnv:
         raise LaunchError(f"{size_var}={world} but MPI.COMM_WORLD has {comm.Get_size()} processes")
     address = None
     if comm.Get_rank() == 0:
-        host = env.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        host = env.get("MASTER_ADDR") or routable_address()
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
         address = (host, port)
     host, port = comm.bcast(address, root=0)

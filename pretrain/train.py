@@ -200,20 +200,22 @@ class Trainer:
             raise CheckpointError(f"{directory}: written with train.precision={state['precision']}, "
                                   f"this run has {self.config.train.precision}")
         resharding = p.zero_stage in (1, 2) and state["data_parallel"] != self.ctx.dp_size
-        if resharding and state["data_parallel"] < self.ctx.dp_size:
-            raise CheckpointError(f"{directory}: ZeRO-{p.zero_stage} state of {state['data_parallel']} data-parallel "
-                                  f"ranks can be resumed on as many or fewer ranks, not {self.ctx.dp_size}")
-        # DeepSpeed refuses any DP change up front, although its ZeRO-1/2 optimizer can merge and
-        # re-split an elastic checkpoint; so load weights first, then the optimizer state through
-        # that same elastic path
+        # DeepSpeed refuses any DP change up front, although its ZeRO-1/2 optimizer can merge
+        # the partitions of an elastic checkpoint and re-split them; so load the weights alone,
+        # then the fp32 master weights and Adam moments through that elastic path
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=not resharding,
-                                                load_lr_scheduler_states=False)
+                                                load_lr_scheduler_states=False, load_module_only=resharding)
         if loaded is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load {DEEPSPEED_TAG}/")
         if resharding:
             saved_partitions = self.engine._get_all_zero_checkpoints(str(directory), DEEPSPEED_TAG)
-            self.engine.optimizer._load_legacy_checkpoint(saved_partitions, load_optimizer_states=True,
-                                                          load_from_fp32_weights=True)
+            if saved_partitions is None or len(saved_partitions) != state["data_parallel"]:
+                raise CheckpointError(f"{directory}: expected {state['data_parallel']} ZeRO partitions")
+            optimizer = self.engine.optimizer
+            optimizer._load_global_state(saved_partitions[0])
+            optimizer._restore_elastic_base_optimizer_state(saved_partitions)
+            optimizer._restore_from_elastic_fp32_weights(saved_partitions)
+            optimizer._link_all_hp_params()
         self._keep_rope_in_fp32()
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.samples_seen = int(state["samples_seen"])

@@ -71,13 +71,22 @@ TWO_RANK = {
 }
 
 
+ONE_RANK_ZERO2 = ["train.max_steps=6", "parallel.zero_stage=2", "train.grad_accum_steps=2", "train.checkpoint_every=3"]
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
+    from pretrain.train import train
+
     root = tmp_path_factory.mktemp("two_rank")
-    spec = write_spec(root / "spec.json", {str(root / name): extra for name, extra in TWO_RANK.items()})
+    # a 1-rank ZeRO-2 run whose step-3 checkpoint the 2-rank launch resumes from (DP 1 -> 2)
+    train(config(root / "dp1_zero2", *ONE_RANK_ZERO2), progress=False)
+    scenarios = dict(TWO_RANK, dp1_to_dp2=["train.max_steps=6", "parallel.zero_stage=2",
+                                           f"train.resume={root / 'dp1_zero2' / 'checkpoints' / 'step_00000003'}"])
+    spec = write_spec(root / "spec.json", {str(root / name): extra for name, extra in scenarios.items()})
     launch([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(Path(__file__)), "worker", str(spec)])
-    return {name: root / name for name in TWO_RANK}
+    return {name: root / name for name in [*scenarios, "dp1_zero2"]}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +159,15 @@ def test_data_parallel_2_to_1_resume_continues_the_data(two_rank_runs, tmp_path)
     # position 12 after 3 steps of 2 ranks x 2 samples, then 4 new samples per step: none repeated
     assert [r["data_position"] for r in resumed] == [16, 20, 24] == [r["data_position"] for r in original]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, original)) < EXACT_ENOUGH
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(resumed, original)) < EXACT_ENOUGH
+
+
+def test_data_parallel_1_to_2_resume_reshards_the_optimizer_state(two_rank_runs):
+    resumed, original = metrics(two_rank_runs["dp1_to_dp2"]), metrics(two_rank_runs["dp1_zero2"])[3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["data_position"] for r in resumed] == [16, 20, 24] == [r["data_position"] for r in original]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, original)) < EXACT_ENOUGH
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(resumed, original)) < EXACT_ENOUGH
 
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path):
