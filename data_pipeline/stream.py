@@ -160,10 +160,17 @@ class ShardStream:
             raise DataError(f"data state: epoch {state['epoch']} at position {position}, but these shards put that "
                             f"position in epoch {self.epoch_at(position)} (were the shards or data.paths changed?)")
         self.position = position
-        self._loader_iter = None  # workers restart at the new position
+        self._stop_workers()  # workers restart at the new position
+
+    def _stop_workers(self) -> None:
+        # now, not whenever the iterator happens to be collected (a traceback may hold it)
+        shutdown = getattr(self._loader_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._loader_iter = None
 
     def close(self) -> None:
-        self._loader_iter = None
+        self._stop_workers()
         if self._reader:
             for cache in self._reader.caches:
                 cache.close()
