@@ -217,10 +217,13 @@ class RecurrentDepthModel(nn.Module):
 
         x = self.decode(state, cos_sin, cache)
         logits = loss = None
-        if return_logits or labels is not None:
+        if labels is not None and not return_logits:
+            # training: the kit may fuse the head into the loss (no full fp32 logits in memory)
+            loss = self.kit.loss(x, self.transformer.wte.weight, labels, self.ops)
+        elif return_logits or labels is not None:
             logits = self.kit.head_logits(x, self.transformer.wte.weight)
-        if labels is not None:
-            loss = self.kit.cross_entropy(logits, labels)
+            if labels is not None:
+                loss = self.kit.cross_entropy(logits, labels)
         return ModelOutput(logits=logits if return_logits else None, loss=loss,
                            state=state if return_state else None, num_steps=(n, k))
 

@@ -186,6 +186,13 @@ class MegatronLayers:
         per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
         return (per_token * valid).sum() / valid.sum()
 
+    def loss(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ops) -> torch.Tensor:
+        """At TP=1 the kernel backend's chunked head + cross-entropy (no full fp32 logits);
+        with the vocabulary split, megatron's vocab-parallel cross-entropy."""
+        if self.tp_size == 1 and weight.shape[0] == self.vocab_size:
+            return ops.linear_cross_entropy(x, weight, labels)
+        return self.cross_entropy(self.head_logits(x, weight), labels)
+
 
 @functools.cache
 def _column_linear_class():
