@@ -63,8 +63,8 @@ class Trainer:
     def __init__(self, config: RunConfig, progress: bool = True):
         self.config = config
         p, t = config.parallel, config.train
+        check_tensor_parallel(config.model, p.tensor_parallel)  # before any process waits on another
         self.ctx = init_distributed(p.tensor_parallel, p.backend)
-        check_tensor_parallel(config.model, p.tensor_parallel, self.ctx.world_size)
         self.device = self.ctx.device
         self.progress = progress and self.ctx.is_main
         self.run_dir = Path(t.run_dir)
