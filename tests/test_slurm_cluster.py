@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -140,16 +141,33 @@ def wait_finished(job_id: str, env: dict, run_dir: Path) -> tuple[str, int]:
     return wait_until(done, f"job {job_id} to end", on_timeout=lambda: logs(run_dir))
 
 
-def signal_batch(job_id: str, signal: str, env: dict) -> None:
+def signal_batch(job_id: str, signal_name: str, env: dict) -> None:
     # scancel's exit status is not checked: on a loaded machine it may retry an RPC whose
     # reply timed out and then report the job "already done" although the signal arrived.
     # The tests check delivery in the job logs instead.
-    run(["scancel", f"--signal={signal}", "--batch", job_id], env, check=False)
+    run(["scancel", f"--signal={signal_name}", "--batch", job_id], env, check=False)
 
 
-def attempts_signalled(log: str, job_id: str, signal: str) -> list[int]:
+def kill_training_tasks(job_id: str) -> None:
+    """SIGKILL every task of the job's training step, as a crash or node failure would: no
+    handler runs. (scancel --signal=KILL would instead cancel the job, with a SIGTERM first.)"""
+    killed = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (f"SLURM_JOB_ID={job_id}".encode() in environ and b"SLURM_STEP_ID=0" in environ
+                and b"launch.cli" in command and b"train" in command):
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed.append(int(proc.name))
+    assert killed, f"no training task of job {job_id} found to kill"
+
+
+def attempts_signalled(log: str, job_id: str, signal_name: str) -> list[int]:
     """Restart counts of the attempts of JOB_ID whose batch shell received SIGNAL."""
-    found = re.findall(rf"job {job_id} restart (\d+)\] got SIG{signal};", log)
+    found = re.findall(rf"job {job_id} restart (\d+)\] got SIG{signal_name};", log)
     return sorted({int(n) for n in found})
 
 
@@ -261,7 +279,7 @@ def jobs(cluster, tmp_path_factory):
     chained.actions.append((
         "SIGKILL to segment 1 two steps past its first periodic checkpoint",
         lambda: _past_first_periodic_checkpoint(chained, env),
-        lambda: run(["scancel", "--signal=KILL", f"{chained.job_id}_1"], env, check=False)))
+        lambda: kill_training_tasks(_segment(chained.job_id, 1, env)["JobId"])))
     stop = threading.Event()
     driver = threading.Thread(target=_drive, args=(scenarios, stop), daemon=True)
     driver.start()
