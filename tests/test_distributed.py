@@ -144,6 +144,16 @@ def test_resume_from_step_3_is_bit_identical(reference_run, tmp_path):
     assert (tmp_path / "FINISHED").exists()
 
 
+def test_bf16_zero2_resume_is_bit_identical(tmp_path):
+    from pretrain.train import train
+
+    bf16 = ["train.max_steps=4", "train.precision=bf16", "parallel.zero_stage=2", "train.checkpoint_every=2"]
+    train(config(tmp_path / "full", *bf16), progress=False)
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_00000002"
+    train(config(tmp_path / "resumed", *bf16, f"train.resume={checkpoint}"), progress=False)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[2:]
+
+
 def test_data_parallel_2_to_1_resume_continues_the_data(two_rank_runs, tmp_path):
     from pretrain.train import train
 
