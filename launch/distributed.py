@@ -64,7 +64,8 @@ def init_distributed(tensor_parallel: int = 1, backend: str = "auto", timeout_mi
         env.export()
         backend = resolve_backend(backend)
         if backend == "nccl":
-            torch.cuda.set_device(env.local_rank)
+            # with one GPU bound per task (srun --gpus-per-task=1) every task sees device 0
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
         atexit.register(shutdown)
