@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 COMMAND_MODULES = ("pretrain.cli", "data_pipeline.cli", "evals.cli", "slurm.cli")
 
@@ -27,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # megatron-core and DeepSpeed warn at import about optional GPU extras a CPU run never uses
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|tp_group is None).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`rdp train tiny --no-progress a.b=1`)

@@ -48,6 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, progress=not args.no_progress)
+    if not result.is_main:  # one report per run, not per rank
+        return 0
     print(f"trained to step {result.final_step}; run dir {result.run_dir}")
     if result.eval_losses:
         print("held-out loss by test-time depth (init_scale 0):")
