@@ -112,6 +112,26 @@ def test_tensor_parallel_2_matches_single_device(two_rank_runs, reference_run):
     assert model.transformer.core_block[0].mlp.fc.weight.shape == (302, 64)
 
 
+def test_megatron_layers_at_tp_1_compute_what_the_plain_model_computes():
+    import torch
+
+    from launch.distributed import init_distributed
+    from pretrain.model import build_model
+    from pretrain.parallel import build_parallel_model
+
+    cfg = config("unused").model
+    init_distributed(1)
+    megatron, plain = build_parallel_model(cfg, seed=7), build_model(cfg, seed=7)
+    tokens, labels = torch.randint(0, 127, (2, 16)), torch.randint(0, 127, (2, 16))
+    out = [m(tokens, labels=labels, num_steps=(2, 2), generator=torch.Generator().manual_seed(0)).loss
+           for m in (megatron, plain)]
+    for loss in out:
+        loss.backward()
+    assert abs(out[0].item() - out[1].item()) < 1e-6
+    grads = dict(plain.named_parameters())
+    assert max((p.grad - grads[n].grad).abs().max().item() for n, p in megatron.named_parameters()) < 1e-6
+
+
 def test_data_parallel_2_matches_one_rank_with_gradient_accumulation(two_rank_runs, tmp_path):
     from pretrain.train import train
 
