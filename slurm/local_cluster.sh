@@ -43,6 +43,10 @@ write_config() {
   # declare a bit less than what is free so slurmd never reports the node as short of memory
   memory_mb=$(awk '/MemAvailable/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
   echo "NodeName=$node Name=token Count=1" >"$state_dir/gres.conf"
+  # PMIx keeps per-step folders named by job id; under /tmp a folder left by a killed step of
+  # an earlier cluster (job ids restart) makes a later step with the same id fail to launch
+  mkdir -p "$state_dir/pmix"
+  echo "PMIxCliTmpDirBase=$state_dir/pmix" >"$state_dir/mpi.conf"
   cat >"$state_dir/slurm.conf" <<EOF
 # written by slurm/local_cluster.sh; see ../shared/notes/local-slurm.md for why each line
 ClusterName=rdp-local
@@ -77,6 +81,8 @@ JobRequeue=1
 ReturnToService=2
 KillWait=10
 MinJobAge=600
+# job ids differ from one cluster start to the next, so nothing keyed by job id collides
+FirstJobId=$(( $(date +%s) % 100000 * 100 + 1 ))
 SlurmdParameters=config_overrides
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
