@@ -145,6 +145,9 @@ class SandboxResult:
     seconds: float
 
 
+UNSHARE_RERAISE_FAILED = "unshare: sigprocmask unblock failed"
+
+
 @lru_cache(maxsize=None)
 def namespace_prefix() -> tuple[str, ...]:
     """The strongest `unshare` this machine allows (tried once), or () without one."""
@@ -202,9 +205,13 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
             returncode, status = proc.wait(), "timeout"
         _kill_group(proc.pid)  # anything it left behind in its group
     seconds = time.monotonic() - started
+    read = lambda name: (logs / name).read_bytes()[: limits.file_bytes].decode("utf-8", "replace")  # noqa: E731
     if returncode is not None and returncode < 0 and status == "failed":
         status = "killed"
-    read = lambda name: (logs / name).read_bytes()[: limits.file_bytes].decode("utf-8", "replace")  # noqa: E731
+    elif status == "failed" and prefix and returncode == 1 and UNSHARE_RERAISE_FAILED in read("stderr"):
+        # util-linux unshare exits 1 with this message when it cannot re-raise the signal that
+        # killed the program (seen when a resource limit's signal ended it): a kill, not a failure
+        status = "killed"
     result = SandboxResult(status == "passed", status, returncode, read("stdout"), read("stderr"), seconds)
     shutil.rmtree(root, ignore_errors=True)
     return result

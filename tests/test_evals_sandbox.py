@@ -77,7 +77,7 @@ def test_hostile_programs_do_no_harm(victim, python_guard):
         result = run_program(source, limits)
         check_no_harm(name, result, directory, server, outside, started)
         if name == "infinite loop":
-            assert result.status == "timeout" or result.returncode is not None and result.returncode < 0
+            assert result.status in ("timeout", "killed"), result
         if name == "output flood":
             assert result.stdout.startswith("x" * 100)
     time.sleep(0.2)

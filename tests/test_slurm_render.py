@@ -71,7 +71,11 @@ def test_64_node_gpu_dry_run_line_by_line(tmp_path, capsys, monkeypatch):
     # sbatch stops reading options at the first command: all of them come before it
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
     assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < first_command
-    assert lines[first_command:first_command + 5] == [
+    # rendezvous variables inherited from the submitting shell are dropped before the site's lines
+    assert lines[first_command] == "unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK"
+    site_start = lines.index("module purge")
+    assert first_command < site_start
+    assert lines[site_start:site_start + 5] == [
         "module purge", "module load cuda/12.4", "module load nccl/2.21",
         "source /opt/rdp/.venv/bin/activate", "set -u"]
     for export in ("export OMP_NUM_THREADS=8", "export NCCL_IB_HCA=mlx5", "export NCCL_SOCKET_IFNAME=ib0"):
