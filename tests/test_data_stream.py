@@ -18,16 +18,8 @@ from data_pipeline.sample_corpus import write_sample_corpus
 from data_pipeline.shards import ShardOptions, write_shards
 from data_pipeline.tokenizer import SpecialIds, train_tokenizer
 from pretrain.config import load_config
+from data_helpers import MODEL, PAD, SEQ_LEN, VOCAB, QuietHandler
 
-VOCAB, PAD, SEQ_LEN = 512, 485, 16
-MODEL = [f"model.vocab_size={VOCAB}", "model.bos_token_id=480", "model.eos_token_id=481",
-         f"model.pad_token_id={PAD}", "model.end_turn_token_id=484"]
-
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
