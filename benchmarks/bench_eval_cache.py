@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from evals.cache import RecurrentKVCache
-from evals.runner import DepthRunner, DepthSettings, SamplingParams
-from pretrain.config import load_config
-from pretrain.model import build_model
+from rdp.evals.cache import RecurrentKVCache
+from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams
+from rdp.pretrain.config import load_config
+from rdp.pretrain.model import build_model
 
 
 def main() -> None:

@@ -30,12 +30,11 @@ _HAS_GPU = os.path.exists("/dev/nvidia0") or os.environ.get("CUDA_VISIBLE_DEVICE
 if "--cpu" in sys.argv or not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels import reference as R  # noqa: E402
-from pretrain.flops import device_peak_flops  # noqa: E402
+from rdp.kernels import reference as R  # noqa: E402
+from rdp.pretrain.flops import device_peak_flops  # noqa: E402
 
 
 @dataclass
@@ -219,7 +218,7 @@ def main() -> None:
         label = ("CPU, Triton INTERPRETER, tiny shapes, fp32 -- exercises the code paths only; "
                  "these timings say NOTHING about GPU performance")
         args.no_compile = True  # inductor's CPU backend compiles C++ for minutes on a tiny op
-    import kernels.triton_ops as T
+    import rdp.kernels.triton_ops as T
 
     measure = timer(device, args.reps or (100 if device == "cuda" else 1))
     bandwidth = copy_bandwidth(device, measure)

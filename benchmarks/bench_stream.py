@@ -21,14 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline import build_stream  # noqa: E402
-from data_pipeline.manifest import read_manifest  # noqa: E402
-from data_pipeline.sample_corpus import write_sample_corpus  # noqa: E402
-from data_pipeline.shards import ShardOptions, write_shards  # noqa: E402
-from data_pipeline.tokenizer import SpecialIds, train_tokenizer  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
+from rdp.data_pipeline import build_stream  # noqa: E402
+from rdp.data_pipeline.manifest import read_manifest  # noqa: E402
+from rdp.data_pipeline.sample_corpus import write_sample_corpus  # noqa: E402
+from rdp.data_pipeline.shards import ShardOptions, write_shards  # noqa: E402
+from rdp.data_pipeline.tokenizer import SpecialIds, train_tokenizer  # noqa: E402
+from rdp.pretrain.config import load_config  # noqa: E402
 
 VOCAB = 1024
 IDS = SpecialIds(bos=VOCAB - 32, eos=VOCAB - 31, pad=VOCAB - 27)

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
+from rdp.pretrain.config import load_config  # noqa: E402
+from rdp.pretrain.model import build_model  # noqa: E402
 
 
 def saved_activation_bytes(model, inputs, labels, num_steps) -> int:

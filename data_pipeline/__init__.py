@@ -6,16 +6,16 @@ def build_stream(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0
     """The training stream for one data-parallel rank: `next_batch()` gives (inputs, labels),
     `state_dict()` / `load_state_dict()` hold the global position."""
     if data_cfg.source == "synthetic":
-        from data_pipeline.synthetic import SyntheticStream
+        from rdp.data_pipeline.synthetic import SyntheticStream
 
         return SyntheticStream(data_cfg.seq_len, vocab_size, micro_batch_size, data_cfg.seed, rank, world_size)
     if data_cfg.source == "webdataset":
-        from data_pipeline.stream import ShardStream
+        from rdp.data_pipeline.stream import ShardStream
 
         spec = stream_spec(data_cfg, vocab_size, micro_batch_size, rank, world_size)
         return ShardStream(spec, num_workers=data_cfg.num_workers)
     if data_cfg.source.startswith("reasoning:"):  # evals' synthetic reasoning tasks
-        from evals.reasoning import ReasoningStream
+        from rdp.evals.reasoning import ReasoningStream
 
         return ReasoningStream(data_cfg.source.split(":", 1)[1], data_cfg.seq_len, vocab_size, micro_batch_size,
                                data_cfg.seed, rank, world_size)
@@ -24,9 +24,9 @@ def build_stream(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0
 
 def stream_spec(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
     """Read every manifest and check it against the config, naming the field that disagrees."""
-    from data_pipeline.manifest import DataError, MANIFEST_NAME, join_location, read_manifest
-    from data_pipeline.stream import StreamSpec
-    from data_pipeline.tokenizer import tokenizer_fingerprint
+    from rdp.data_pipeline.manifest import DataError, MANIFEST_NAME, join_location, read_manifest
+    from rdp.data_pipeline.stream import StreamSpec
+    from rdp.data_pipeline.tokenizer import tokenizer_fingerprint
 
     paths = list(data_cfg.paths)
     if not paths:

@@ -6,12 +6,12 @@ import os
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from data_pipeline.manifest import DataError
-    from data_pipeline.tokenizer import SpecialIds, train_tokenizer
+    from rdp.data_pipeline.manifest import DataError
+    from rdp.data_pipeline.tokenizer import SpecialIds, train_tokenizer
 
     vocab_size = args.vocab_size
     if args.config:
-        from pretrain.config import load_config
+        from rdp.pretrain.config import load_config
 
         model = load_config(args.config).model
         vocab_size = vocab_size or model.vocab_size
@@ -37,7 +37,7 @@ def _pick(value, default):
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from data_pipeline.shards import ShardOptions, parse_size, write_shards
+    from rdp.data_pipeline.shards import ShardOptions, parse_size, write_shards
 
     options = ShardOptions(seq_len=args.seq_len, mode=args.mode, shard_bytes=parse_size(args.shard_size),
                            num_workers=args.workers, text_field=args.text_field)
@@ -49,7 +49,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_pipeline.inspect import inspect
+    from rdp.data_pipeline.inspect import inspect
 
     return inspect(args.dir, verify=args.verify, samples=args.samples, tokenizer=args.tokenizer)
 

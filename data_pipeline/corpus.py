@@ -13,7 +13,7 @@ import json
 import os
 from typing import Iterator
 
-from data_pipeline.manifest import DataError
+from rdp.data_pipeline.manifest import DataError
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".parquet")
 

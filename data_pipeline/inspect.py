@@ -5,7 +5,7 @@ import hashlib
 import os
 from typing import Iterator
 
-from data_pipeline.manifest import (DataError, Manifest, is_local, join_location, local_path, read_manifest,
+from rdp.data_pipeline.manifest import (DataError, Manifest, is_local, join_location, local_path, read_manifest,
                                     sample_key, sample_member_bytes)
 
 
@@ -82,8 +82,8 @@ def describe(base: str, manifest: Manifest) -> Iterator[str]:
 
 
 def decode_samples(base: str, manifest: Manifest, tokenizer_path: str, count: int) -> Iterator[str]:
-    from data_pipeline.reader import ShardCache
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from rdp.data_pipeline.reader import ShardCache
+    from rdp.data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     if tokenizer_fingerprint(tokenizer_path) != manifest.tokenizer_fingerprint:
         raise DataError(f"tokenizer {tokenizer_path}: its fingerprint does not match the manifest's")

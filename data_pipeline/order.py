@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from data_pipeline.manifest import DataError
+from rdp.data_pipeline.manifest import DataError
 
 MIX_BLOCK = 1024
 

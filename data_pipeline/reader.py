@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from data_pipeline.manifest import (TAR_BLOCK, DataError, Manifest, ShardEntry, is_local, join_location,
+from rdp.data_pipeline.manifest import (TAR_BLOCK, DataError, Manifest, ShardEntry, is_local, join_location,
                                     local_path, read_remote, sample_key, sample_member_bytes)
 
 

@@ -16,10 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.corpus import expand_inputs, file_sha256, iter_corpus
-from data_pipeline.manifest import (MANIFEST_NAME, TAR_BLOCK, DataError, Manifest, ShardEntry,
+from rdp.data_pipeline.corpus import expand_inputs, file_sha256, iter_corpus
+from rdp.data_pipeline.manifest import (MANIFEST_NAME, TAR_BLOCK, DataError, Manifest, ShardEntry,
                                     member_stride, sample_key, sample_member_bytes)
-from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from rdp.data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MODES = ("keep-all", "truncate")
 
@@ -169,7 +169,7 @@ class _ShardSink:
     def _check_layout(self, path: str) -> None:
         """The stream finds sample i at i * stride; make sure the tar writer laid it out so
         (a writer that added extended headers would break that silently)."""
-        from data_pipeline.reader import parse_member_header
+        from rdp.data_pipeline.reader import parse_member_header
 
         with open(path, "rb") as f:
             for index in {0, self._count - 1}:

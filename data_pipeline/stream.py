@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_pipeline.manifest import DataError, Manifest
-from data_pipeline.order import MixOrder, SourceOrder
-from data_pipeline.reader import ShardCache
+from rdp.data_pipeline.manifest import DataError, Manifest
+from rdp.data_pipeline.order import MixOrder, SourceOrder
+from rdp.data_pipeline.reader import ShardCache
 
 log = logging.getLogger("rdp.data")
 IGNORE_INDEX = -100  # the model's cross-entropy ignores these labels (padding)

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from data_pipeline.corpus import expand_inputs, file_sha256, read_documents
-from data_pipeline.manifest import DataError
+from rdp.data_pipeline.corpus import expand_inputs, file_sha256, read_documents
+from rdp.data_pipeline.manifest import DataError
 
 # sentencepiece drops training sentences longer than this (bytes); we cut documents into lines
 MAX_SENTENCE_BYTES = 8192

@@ -60,7 +60,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from evals.sweep import Sweep, SweepConfig
+    from rdp.evals.sweep import Sweep, SweepConfig
 
     cfg = SweepConfig(
         checkpoint=args.checkpoint, tasks=args.tasks, depths=args.depths,
@@ -78,10 +78,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_reasoning(args: argparse.Namespace) -> int:
-    from evals.reasoning import get_task
-    from evals.sweep import Sweep, SweepConfig
-    from pretrain.config import load_config
-    from pretrain.train import train
+    from rdp.evals.reasoning import get_task
+    from rdp.evals.sweep import Sweep, SweepConfig
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.train import train
 
     task = get_task(args.task)
     out = Path(args.out or f"runs/reasoning-{task.name}")

@@ -1,7 +1,7 @@
 """lm-eval's own command line with the `rdp` model registered first, so every lm_eval
 flag works unchanged:
 
-    python -m evals.harness --model rdp --model_args checkpoint=runs/x,num_steps=16 --tasks hellaswag
+    python -m rdp.evals.harness --model rdp --model_args checkpoint=runs/x,num_steps=16 --tasks hellaswag
 
 One extra flag, `--local_tasks_only`: index only `--include_path` task files instead of
 lm-eval's thousands of built-in ones (minutes on a small machine; useful offline).
@@ -32,7 +32,7 @@ def _index_only_include_path():
 def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
-    from evals.lm_adapter import RecurrentDepthLM  # registers "rdp"
+    from rdp.evals.lm_adapter import RecurrentDepthLM  # registers "rdp"
 
     args = list(sys.argv[1:] if argv is None else argv)
     undo = lambda: None  # noqa: E731

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from evals.sandbox import SandboxLimits, run_program
+from rdp.evals.sandbox import SandboxLimits, run_program
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 

@@ -2,7 +2,7 @@
 evaluated at a chosen test-time depth, optionally with per-token adaptive exit.
 
     lm_eval.simple_evaluate(model="rdp", model_args="checkpoint=runs/x,num_steps=16", tasks=[...])
-    python -m evals.harness --model rdp --model_args checkpoint=runs/x,num_steps=16 --tasks ...
+    python -m rdp.evals.harness --model rdp --model_args checkpoint=runs/x,num_steps=16 --tasks ...
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from evals.runner import DepthRunner, DepthSettings, SamplingParams
-from evals.tokenizer import EvalTokenizer, load_eval_tokenizer
+from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams
+from rdp.evals.tokenizer import EvalTokenizer, load_eval_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "auto": None}
@@ -32,11 +32,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "float32
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
     if (path / "config.json").exists():
-        from pretrain.convert import load_huginn
+        from rdp.pretrain.convert import load_huginn
 
         model = load_huginn(path, device)
     else:
-        from pretrain.checkpoint import load_model
+        from rdp.pretrain.checkpoint import load_model
 
         model = load_model(path, device)
     if DTYPES[dtype] is not None:

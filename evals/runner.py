@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from evals.adaptive import ExitCriterion
-from evals.cache import ProbeView, RecurrentKVCache
+from rdp.evals.adaptive import ExitCriterion
+from rdp.evals.cache import ProbeView, RecurrentKVCache
 
 CACHE_CHOICES = ("full", "latest", "modulo", "none")
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from evals.reasoning import TASKS as REASONING_TASKS
+from rdp.evals.reasoning import TASKS as REASONING_TASKS
 
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "results.png"
 PRIMARY_METRICS = ("exact_match,flexible-extract", "exact_match,strict-match", "acc_norm,none", "acc,none",
@@ -84,7 +84,7 @@ class Sweep:
         if any(d < 1 for d in cfg.depths):
             raise SweepError(f"--depths must be >= 1, got {cfg.depths}")
         try:  # bad exit criterion / cache names fail now, not after hours of other tasks
-            from evals.runner import DepthSettings
+            from rdp.evals.runner import DepthSettings
 
             DepthSettings(num_steps=1, cache=cfg.cache, cache_slots=cfg.cache_slots,
                           exit_criterion=cfg.exit_criterion, exit_threshold=cfg.exit_threshold)
@@ -112,14 +112,14 @@ class Sweep:
     # ---- lazily built pieces ------------------------------------------------------------------
     def model(self):
         if self._model is None:
-            from evals.lm_adapter import load_checkpoint
+            from rdp.evals.lm_adapter import load_checkpoint
 
             self._model = load_checkpoint(self.cfg.checkpoint, self.cfg.device, self.cfg.dtype)
         return self._model
 
     def lm(self, depth: int):
-        from evals.lm_adapter import RecurrentDepthLM
-        from evals.tokenizer import load_eval_tokenizer
+        from rdp.evals.lm_adapter import RecurrentDepthLM
+        from rdp.evals.tokenizer import load_eval_tokenizer
 
         if self._tokenizer is None:
             self._tokenizer = load_eval_tokenizer(self.cfg.checkpoint, self.model().config, self.cfg.tokenizer)
@@ -134,7 +134,7 @@ class Sweep:
 
             include = None
             if self.cfg.gsm8k_path:
-                from evals.gsm8k import write_local_tasks
+                from rdp.evals.gsm8k import write_local_tasks
 
                 include = str(self.out / "lm_eval_tasks")
                 self._local_names = write_local_tasks(self.cfg.gsm8k_path, include)
@@ -158,7 +158,7 @@ class Sweep:
     def evaluate(self, row: str, task: str, depth: int) -> dict:
         c = self.cfg
         if task in REASONING_TASKS:
-            from evals.reasoning import exact_match
+            from rdp.evals.reasoning import exact_match
 
             spec = REASONING_TASKS[task]
             length = spec.splits()[row.split("/", 1)[1]]
@@ -168,7 +168,7 @@ class Sweep:
                     "all": {"exact_match": score, "position_accuracy": per_position}, "mean_steps": float(depth)}
         lm = self.lm(depth)
         if task == "humaneval":
-            from evals.humaneval import run_humaneval
+            from rdp.evals.humaneval import run_humaneval
 
             kwargs = {"max_new_tokens": c.max_gen_toks} if c.max_gen_toks else {}
             scores = run_humaneval(lm, c.humaneval_samples, tuple(c.humaneval_k), c.humaneval_temperature,
@@ -216,7 +216,7 @@ class Sweep:
         return self.document
 
     def write_reports(self) -> None:
-        from evals.report import markdown_table, plot
+        from rdp.evals.report import markdown_table, plot
 
         _atomic_write(self.path, json.dumps(self.document, indent=2))
         _atomic_write(self.out / TABLE_FILE, markdown_table(self.document))

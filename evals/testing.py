@@ -31,9 +31,9 @@ def write_tiny_tokenizer(path: Path, vocab_size: int = 110) -> Path:
 
 def write_tiny_checkpoint(directory: Path, preset: str = "tiny", seed: int = 0, overrides=None) -> Path:
     """A randomly initialised model saved as a training checkpoint, tokenizer.json beside it."""
-    from pretrain.checkpoint import save_model_weights
-    from pretrain.config import load_config
-    from pretrain.model import build_model
+    from rdp.pretrain.checkpoint import save_model_weights
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.model import build_model
 
     config = load_config(preset, overrides or [])
     model = build_model(config.model, seed=seed)

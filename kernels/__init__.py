@@ -2,6 +2,6 @@
 
 Public and stable: `flash_attention(q, k, v, causal=True)` and `rms_norm(x, weight, eps)`
 (Triton wherever it can run, else the reference); `get_ops(choice)` for the model."""
-from kernels.dispatch import flash_attention, get_ops, resolve_backend, rms_norm, triton_available, triton_runs_on
+from rdp.kernels.dispatch import flash_attention, get_ops, resolve_backend, rms_norm, triton_available, triton_runs_on
 
 __all__ = ["flash_attention", "rms_norm", "get_ops", "resolve_backend", "triton_available", "triton_runs_on"]

@@ -8,8 +8,8 @@ catches what only the GPU compiler rejects (tile shapes tl.dot cannot take, type
 in non-interpreted code paths, register/shared-memory blow-ups) and prints the shared
 memory and spills of each kernel.
 
-    .venv/bin/python -m kernels.aot_check              # sm_90 (H100), bf16 and fp32
-    .venv/bin/python -m kernels.aot_check --arch 80 --dtypes bf16
+    .venv/bin/python -m rdp.kernels.aot_check              # sm_90 (H100), bf16 and fp32
+    .venv/bin/python -m rdp.kernels.aot_check --arch 80 --dtypes bf16
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_attention, triton_linear, triton_norm, triton_pointwise
+from rdp.kernels import triton_attention, triton_linear, triton_norm, triton_pointwise
 
 MODULES = (triton_attention, triton_linear, triton_norm, triton_pointwise)
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import reference
+from rdp.kernels import reference
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "silu_mul", "bias_rope", "attention", "injection",
             "injection_embedding", "injection_with_embedding", "linear_cross_entropy")
@@ -44,7 +44,7 @@ def get_ops(choice: str = "auto") -> SimpleNamespace:
     if backend == "torch":
         impl = reference
     else:
-        from kernels import triton_ops as impl  # imported lazily: Triton is heavy to import
+        from rdp.kernels import triton_ops as impl  # imported lazily: Triton is heavy to import
     ops = {name: getattr(impl, name, getattr(reference, name)) for name in OP_NAMES}
     return SimpleNamespace(backend=backend, **ops)
 
@@ -55,7 +55,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     queries than keys the causal mask is aligned bottom-right (the KV-cache decode case).
     Runs the Triton kernel whenever Triton can run on q's device, else the reference."""
     if triton_runs_on(q):
-        from kernels.triton_attention import flash_attention as triton_flash_attention
+        from rdp.kernels.triton_attention import flash_attention as triton_flash_attention
         return triton_flash_attention(q, k, v, causal)
     return reference.attention(q, k, v, causal)
 
@@ -63,6 +63,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight with fp32 statistics; Triton whenever it can run on x's device."""
     if triton_runs_on(x):
-        from kernels.triton_norm import rms_norm as triton_rms_norm
+        from rdp.kernels.triton_norm import rms_norm as triton_rms_norm
         return triton_rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)

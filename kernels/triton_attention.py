@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, check_dtype, dot, dot_upcast, next_pow2
+from rdp.kernels._triton_utils import INTERPRET, check_dtype, dot, dot_upcast, next_pow2
 
 LOG2E = 1.4426950408889634
 

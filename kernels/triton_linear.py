@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, check_dtype, dot, dot_upcast, next_pow2, rows_view
+from rdp.kernels._triton_utils import INTERPRET, check_dtype, dot, dot_upcast, next_pow2, rows_view
 
 
 # ---- injection GEMM: C = A1 @ B1^T (+ A2 @ B2^T) (+ INIT) ----------------------------------

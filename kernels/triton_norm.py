@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, check_dtype, next_pow2, rows_view, triton_dtype
+from rdp.kernels._triton_utils import INTERPRET, check_dtype, next_pow2, rows_view, triton_dtype
 
 
 @triton.jit

@@ -12,9 +12,9 @@ import functools
 
 import torch
 
-from kernels import reference
-from kernels._triton_utils import INTERPRET
-from kernels import triton_attention, triton_linear, triton_norm, triton_pointwise
+from rdp.kernels import reference
+from rdp.kernels._triton_utils import INTERPRET
+from rdp.kernels import triton_attention, triton_linear, triton_norm, triton_pointwise
 
 
 def _on_triton_device(t: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, check_dtype, next_pow2, rows_view
+from rdp.kernels._triton_utils import INTERPRET, check_dtype, next_pow2, rows_view
 
 
 # ---- silu(gate) * up ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import importlib
 import sys
 import warnings
 
-COMMAND_MODULES = ("pretrain.cli", "data_pipeline.cli", "evals.cli", "slurm.cli")
+COMMAND_MODULES = ("rdp.pretrain.cli", "rdp.data_pipeline.cli", "rdp.evals.cli", "rdp.slurm.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - user-facing errors become one clear line
-        from pretrain.config import ConfigError
+        from rdp.pretrain.config import ConfigError
 
         if isinstance(exc, (ConfigError, FileNotFoundError)) or getattr(exc, "user_facing", False):
             print(f"rdp {args.command}: error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launch.env import LaunchError, ProcessEnv, discover
+from rdp.launch.env import LaunchError, ProcessEnv, discover
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def init_distributed(tensor_parallel: int = 1, backend: str = "auto", timeout_mi
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
         atexit.register(shutdown)
     if env.world_size % tensor_parallel != 0:
-        from pretrain.config import ConfigError
+        from rdp.pretrain.config import ConfigError
 
         raise ConfigError(f"config field 'parallel.tensor_parallel': {tensor_parallel} does not divide the "
                           f"{env.world_size} launched processes")

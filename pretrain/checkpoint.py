@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.config import RunConfig, load_config, to_yaml
-from pretrain.model import RecurrentDepthModel, model_from_state_dict
+from rdp.pretrain.config import RunConfig, load_config, to_yaml
+from rdp.pretrain.model import RecurrentDepthModel, model_from_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"

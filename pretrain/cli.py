@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pretrain.config import load_config
+from rdp.pretrain.config import load_config
 
 INFO_DEPTHS = (1, 4, 8, 16, 32, 64)
 
@@ -44,7 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, progress=not args.no_progress)
@@ -59,7 +59,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from pretrain.model import build_model, materialized_parameters, parameter_counts
+    from rdp.pretrain.model import build_model, materialized_parameters, parameter_counts
 
     config = load_config(args.config, args.overrides)
     counts = parameter_counts(build_model(config.model, device="meta"))
@@ -82,7 +82,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from pretrain import convert
+    from rdp.pretrain import convert
 
     if args.direction == "to-huginn":
         convert.export_huginn(args.source, args.output)
@@ -93,7 +93,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_flops(args: argparse.Namespace) -> int:
-    from pretrain.flops import flops_report, plan_training
+    from rdp.pretrain.flops import flops_report, plan_training
 
     config = load_config(args.config, args.overrides)
     try:

@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.config import ModelConfig, RunConfig, validate
-from pretrain.model import RecurrentDepthModel, build_model, model_from_state_dict
+from rdp.pretrain.config import ModelConfig, RunConfig, validate
+from rdp.pretrain.model import RecurrentDepthModel, build_model, model_from_state_dict
 
 HF_FIELDS = {  # Huginn config.json field -> ModelConfig field
     "n_embd": "hidden_size",
@@ -133,13 +133,13 @@ def save_huginn(model: RecurrentDepthModel, path: str | Path) -> Path:
 
 
 def export_huginn(checkpoint: str | Path, output: str | Path) -> Path:
-    from pretrain.checkpoint import load_model
+    from rdp.pretrain.checkpoint import load_model
 
     return save_huginn(load_model(checkpoint), output)
 
 
 def import_huginn(source: str | Path, output: str | Path) -> Path:
-    from pretrain.checkpoint import save_model_weights
+    from rdp.pretrain.checkpoint import save_model_weights
 
     model = load_huginn(source)
     config = RunConfig(model=model.config)

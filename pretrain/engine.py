@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from pretrain.config import RunConfig
+from rdp.pretrain.config import RunConfig
 
 
 def no_decay(name: str) -> bool:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from pretrain.config import ModelConfig
-from pretrain.sampler import DepthSampler
+from rdp.pretrain.config import ModelConfig
+from rdp.pretrain.sampler import DepthSampler
 
 # dense bf16 peak per device (per die for MI250X), FLOP/s
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "mi250x": 191.5e12}
@@ -29,7 +29,7 @@ class FlopsModel:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seq_len: Optional[int] = None, causal_skip: bool = False) -> "FlopsModel":
-        from pretrain.model import build_model
+        from rdp.pretrain.model import build_model
 
         model = build_model(cfg, device="meta")
         return cls(**model.flops_per_token(seq_len or cfg.max_seq_len, causal_skip))
@@ -85,7 +85,7 @@ def throughput_metrics(flops: FlopsModel, n: int, k: int, tokens: int, seconds: 
 
 
 def flops_report(cfg: ModelConfig, depths: list[int], seq_len: Optional[int] = None) -> dict:
-    from pretrain.model import build_model, materialized_parameters, parameter_counts
+    from rdp.pretrain.model import build_model, materialized_parameters, parameter_counts
 
     seq_len = seq_len or cfg.max_seq_len
     counts = parameter_counts(build_model(cfg, device="meta"))

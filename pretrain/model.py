@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import get_ops
-from kernels.reference import rope_cos_sin
-from pretrain.config import ModelConfig
-from pretrain.layers import Linear, LocalLayers, takase_std
+from rdp.kernels import get_ops
+from rdp.kernels.reference import rope_cos_sin
+from rdp.pretrain.config import ModelConfig
+from rdp.pretrain.layers import Linear, LocalLayers, takase_std
 
 
 class KVCache(Protocol):

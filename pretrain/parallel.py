@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ConfigError, ModelConfig
-from pretrain.layers import LocalLayers, trunc_normal_
+from rdp.pretrain.config import ConfigError, ModelConfig
+from rdp.pretrain.layers import LocalLayers, trunc_normal_
 
 
 # ---- which TP degrees a model admits --------------------------------------------------------
@@ -239,7 +239,7 @@ def build_parallel_model(cfg: ModelConfig, seed: int, device: str | torch.device
     initialisation is the same at every TP degree."""
     from megatron.core import parallel_state
 
-    from pretrain.model import build_model
+    from rdp.pretrain.model import build_model
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     check_tensor_parallel(cfg, tp)

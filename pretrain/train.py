@@ -21,17 +21,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipeline import build_stream
-from launch.distributed import MegatronMPU, init_distributed
-from pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE, CheckpointError,
+from rdp.data_pipeline import build_stream
+from rdp.launch.distributed import MegatronMPU, init_distributed
+from rdp.pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE, CheckpointError,
                                  newest_valid_checkpoint, prune, publish, read_trainer_state,
                                  remove_stale_staging, resolve_checkpoint, rng_state, save_model_weights,
                                  set_rng_state, staging_dir, write_json)
-from pretrain.config import RunConfig, to_dict, to_yaml
-from pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
-from pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr_factor, set_lr
-from pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
-from pretrain.sampler import DepthSampler
+from rdp.pretrain.config import RunConfig, to_dict, to_yaml
+from rdp.pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
+from rdp.pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr_factor, set_lr
+from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
+from rdp.pretrain.sampler import DepthSampler
 
 FINISHED_MARKER = "FINISHED"  # the SLURM chain (slurm/render.py) stops resubmitting once it exists
 METRICS_FILE = "metrics.jsonl"
@@ -90,7 +90,7 @@ class Trainer:
 
     def _keep_rope_in_fp32(self) -> None:
         # DeepSpeed's bf16 mode casts every buffer; the spec computes RoPE in fp32
-        from kernels.reference import rope_cos_sin
+        from rdp.kernels.reference import rope_cos_sin
 
         m, module = self.config.model, self.engine.module.model
         module.cos_sin = rope_cos_sin(m.head_dim, m.max_seq_len, m.rope_base, self.device)

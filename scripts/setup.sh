@@ -28,6 +28,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # DS_BUILD_OPS=0: DeepSpeed JIT-builds its CUDA ops on first use instead of at install
 DS_BUILD_OPS=0 .venv/bin/pip install -q -e '.[test]' 2> >(grep -v "^WARNING: Location" >&2)
 # fail here, not in the first test, when an install step went wrong
-.venv/bin/python -W ignore -c "import torch, deepspeed, megatron.core, webdataset, lm_eval, pretrain, kernels" 2>/dev/null \
+.venv/bin/python -W ignore -c "import torch, deepspeed, megatron.core, webdataset, lm_eval, rdp.pretrain, rdp.kernels" 2>/dev/null \
   || { echo "setup: the environment in .venv does not import; see the pip output above" >&2; exit 1; }
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -56,7 +56,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _shape(args: argparse.Namespace):
-    from slurm.render import JobShape
+    from rdp.slurm.render import JobShape
 
     tasks = args.tasks_per_node or (args.gpus_per_node if args.gpus_per_node > 0 else 1)
     return JobShape(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node, time=args.time,
@@ -64,13 +64,13 @@ def _shape(args: argparse.Namespace):
 
 
 def _site(args: argparse.Namespace):
-    from slurm.site import load_site
+    from rdp.slurm.site import load_site
 
     return load_site(args.site or os.environ.get("RDP_SLURM_SITE") or None)
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from slurm.submit import submit_training
+    from rdp.slurm.submit import submit_training
 
     submission = submit_training(args.config, args.overrides, _shape(args), _site(args),
                                  chain=args.chain, dry_run=args.dry_run)
@@ -84,7 +84,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_submit_eval(args: argparse.Namespace) -> int:
-    from slurm.eval_jobs import submit_eval
+    from rdp.slurm.eval_jobs import submit_eval
 
     result = submit_eval(args, _shape(args), _site(args))
     for path, text in result.scripts:
@@ -100,7 +100,7 @@ def run_submit_eval(args: argparse.Namespace) -> int:
 
 
 def run_merge_eval(args: argparse.Namespace) -> int:
-    from slurm.eval_jobs import merge_parts
+    from rdp.slurm.eval_jobs import merge_parts
 
     merged, missing = merge_parts(args.output_dir, args.expect)
     from pathlib import Path
@@ -118,7 +118,7 @@ def run_status(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from slurm.status import format_status, run_status
+    from rdp.slurm.status import format_status, run_status
 
     status = run_status(args.run_dir)
     if args.json:

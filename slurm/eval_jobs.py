@@ -15,10 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from pretrain.config import ConfigError
-from slurm.render import JobShape, fill, env_lines, sbatch_option_lines, scheduling_options, setup_lines
-from slurm.site import SiteConfig
-from slurm.submit import sbatch
+from rdp.pretrain.config import ConfigError
+from rdp.slurm.render import JobShape, fill, env_lines, sbatch_option_lines, scheduling_options, setup_lines
+from rdp.slurm.site import SiteConfig
+from rdp.slurm.submit import sbatch
 
 PARTS_DIR = "parts"
 
@@ -121,8 +121,8 @@ def submit_eval(args, shape: JobShape, site: SiteConfig) -> EvalSubmission:
 def merge_parts(output_dir: str | Path, expect: Optional[int] = None) -> tuple[dict, list[str]]:
     """Union of the parts' results (all must share checkpoint and settings) -> OUT/results.*;
     returns the merged document and the parts that were missing."""
-    from evals.sweep import PLOT_FILE, RESULTS_FILE, TABLE_FILE, _atomic_write
-    from evals.report import markdown_table, plot
+    from rdp.evals.sweep import PLOT_FILE, RESULTS_FILE, TABLE_FILE, _atomic_write
+    from rdp.evals.report import markdown_table, plot
 
     output_dir = Path(output_dir)
     parts_dir = output_dir / PARTS_DIR

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from pretrain.config import ConfigError
-from slurm.site import SiteConfig
+from rdp.pretrain.config import ConfigError
+from rdp.slurm.site import SiteConfig
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")

@@ -16,7 +16,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import ConfigError
+from rdp.pretrain.config import ConfigError
 
 SITE_DIR = Path(__file__).resolve().parent / "sites"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -48,7 +48,7 @@ class SiteConfig:
     # extra #SBATCH options, with or without the "#SBATCH " prefix: ["--exclusive", "--constraint=h100"]
     sbatch_lines: list[str] = field(default_factory=list)
     srun_args: list[str] = field(default_factory=list)
-    # how a task starts rdp; empty: this interpreter, `<python> -m launch.cli`
+    # how a task starts rdp; empty: this interpreter, `<python> -m rdp.launch.cli`
     rdp_command: str = ""
     cpus_per_task: int = 1
     # seconds before the time limit at which SLURM sends USR1 to the batch shell
@@ -57,7 +57,7 @@ class SiteConfig:
     log_dir: str = "slurm/logs"
 
     def rdp(self) -> str:
-        return self.rdp_command or f"{shlex.quote(sys.executable)} -m launch.cli"
+        return self.rdp_command or f"{shlex.quote(sys.executable)} -m rdp.launch.cli"
 
 
 def _check(site: SiteConfig, source: str) -> SiteConfig:

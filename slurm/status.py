@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from slurm.render import FINISHED_MARKER
-from slurm.submit import JOBS_FILE, slurm_dir
+from rdp.slurm.render import FINISHED_MARKER
+from rdp.slurm.submit import JOBS_FILE, slurm_dir
 
 CHECKPOINT_NAME = re.compile(r"^step_0*(\d+)$")
 METRICS_FILE = "metrics.jsonl"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config, to_yaml
-from slurm.render import JobShape, TrainJob, render_train_script
-from slurm.site import SiteConfig
+from rdp.pretrain.config import ConfigError, load_config, to_yaml
+from rdp.slurm.render import JobShape, TrainJob, render_train_script
+from rdp.slurm.site import SiteConfig
 
 JOBS_FILE = "jobs.jsonl"
 JOB_ID = re.compile(r"^(\d+)(;\S+)?$")

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture
 def tiny_config():
-    from pretrain.config import load_config
+    from rdp.pretrain.config import load_config
 
     return load_config("tiny")
 
@@ -22,7 +21,7 @@ def tiny_config():
 @pytest.fixture
 def micro_model_config():
     """Smaller than `tiny`: for tests that run many forwards."""
-    from pretrain.config import load_config
+    from rdp.pretrain.config import load_config
 
     return load_config("tiny", ["model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=48",
                                 "model.vocab_size=64", "model.bos_token_id=60", "model.eos_token_id=61",

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import build_stream
-from data_pipeline.manifest import DataError, read_manifest
-from data_pipeline.sample_corpus import write_sample_corpus
-from data_pipeline.shards import ShardOptions, write_shards
-from data_pipeline.tokenizer import SpecialIds, train_tokenizer
-from pretrain.config import load_config
+from rdp.data_pipeline import build_stream
+from rdp.data_pipeline.manifest import DataError, read_manifest
+from rdp.data_pipeline.sample_corpus import write_sample_corpus
+from rdp.data_pipeline.shards import ShardOptions, write_shards
+from rdp.data_pipeline.tokenizer import SpecialIds, train_tokenizer
+from rdp.pretrain.config import load_config
 from data_helpers import MODEL, PAD, SEQ_LEN, VOCAB, QuietHandler
 
 BAD = "shard-000001.tar"
@@ -183,7 +183,7 @@ class StallingHandler(QuietHandler):
 
 @pytest.mark.timeout(60)
 def test_stalled_server_is_an_error_not_a_hang(shards, monkeypatch):
-    import data_pipeline.manifest as manifest_module
+    import rdp.data_pipeline.manifest as manifest_module
 
     monkeypatch.setattr(manifest_module, "STALL_SECONDS", 2)
     monkeypatch.setattr(manifest_module, "HTTP_RETRIES", 0)

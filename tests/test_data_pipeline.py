@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.corpus import expand_inputs, iter_corpus
-from data_pipeline.manifest import DataError, read_manifest
-from data_pipeline.sample_corpus import write_sample_corpus
-from data_pipeline.shards import ShardOptions, WindowPacker, token_dtype, write_shards
-from data_pipeline.tokenizer import SpecialIds, load_tokenizer, train_tokenizer
-from launch.cli import main as rdp
+from rdp.data_pipeline.corpus import expand_inputs, iter_corpus
+from rdp.data_pipeline.manifest import DataError, read_manifest
+from rdp.data_pipeline.sample_corpus import write_sample_corpus
+from rdp.data_pipeline.shards import ShardOptions, WindowPacker, token_dtype, write_shards
+from rdp.data_pipeline.tokenizer import SpecialIds, load_tokenizer, train_tokenizer
+from rdp.launch.cli import main as rdp
 
 VOCAB, BOS, EOS, PAD = 512, 480, 481, 485
 SEQ_LEN = 32
@@ -180,8 +180,8 @@ def read_all_windows(directory, manifest) -> np.ndarray:
 def stream_in_shard_order(directory, manifest) -> np.ndarray:
     """One epoch through build_stream (the trainer's entry point), each row put back at the
     (shard, sample) the global order says it came from."""
-    from data_pipeline import build_stream
-    from pretrain.config import load_config
+    from rdp.data_pipeline import build_stream
+    from rdp.pretrain.config import load_config
 
     cfg = load_config("tiny", [f"model.vocab_size={VOCAB}", f"model.bos_token_id={BOS}", f"model.eos_token_id={EOS}",
                                f"model.pad_token_id={PAD}", "model.end_turn_token_id=484", "data.source=webdataset",

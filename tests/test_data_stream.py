@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import build_stream
-from data_pipeline.manifest import DataError, read_manifest
-from data_pipeline.sample_corpus import write_sample_corpus
-from data_pipeline.shards import ShardOptions, write_shards
-from data_pipeline.tokenizer import SpecialIds, train_tokenizer
-from pretrain.config import load_config
+from rdp.data_pipeline import build_stream
+from rdp.data_pipeline.manifest import DataError, read_manifest
+from rdp.data_pipeline.sample_corpus import write_sample_corpus
+from rdp.data_pipeline.shards import ShardOptions, write_shards
+from rdp.data_pipeline.tokenizer import SpecialIds, train_tokenizer
+from rdp.pretrain.config import load_config
 from data_helpers import MODEL, PAD, SEQ_LEN, VOCAB, QuietHandler
 
 
@@ -106,7 +106,7 @@ def test_resume_continues_exactly_on_other_rank_and_worker_counts(shards):
 
 
 def test_resume_at_800b_tokens_reads_only_the_batch(shards, monkeypatch):
-    from data_pipeline import reader
+    from rdp.data_pipeline import reader
 
     n = read_manifest(str(shards / "a-shards")).num_samples
     expected = all_samples(shards / "a-shards")
@@ -178,7 +178,7 @@ def test_build_stream_checks_manifest_against_config(shards, tmp_path):
 def test_trainer_resumes_bit_identically_on_shards(shards, tmp_path):
     """The real training loop on WebDataset shards: resuming from the step-2 checkpoint of a
     4-step run, with another DataLoader worker count, gives the same losses for steps 3-4."""
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     def run(run_dir, steps, *extra):
         cfg = load_config("tiny", MODEL + ["data.source=webdataset", f"data.paths=[{shards}/a-shards]",
@@ -196,7 +196,7 @@ def test_trainer_resumes_bit_identically_on_shards(shards, tmp_path):
 
 def test_uint32_shards_stream_the_same_tokens(shards, tmp_path, monkeypatch):
     """Vocabularies past 65536 store uint32; forced here on the small tokenizer."""
-    import data_pipeline.shards as writer
+    import rdp.data_pipeline.shards as writer
 
     monkeypatch.setattr(writer, "token_dtype", lambda vocab_size: "uint32")
     writer.write_shards([str(shards / "a")], str(shards / "tok.model"), str(tmp_path / "wide"),

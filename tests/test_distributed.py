@@ -30,7 +30,7 @@ pytestmark = pytest.mark.multiprocess
 
 
 def config(run_dir, *extra):
-    from pretrain.config import load_config
+    from rdp.pretrain.config import load_config
 
     return load_config("tiny", BASE + [f"train.run_dir={run_dir}", *extra])
 
@@ -76,7 +76,7 @@ ONE_RANK_ZERO2 = ["train.max_steps=6", "parallel.zero_stage=2", "train.grad_accu
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     root = tmp_path_factory.mktemp("two_rank")
     # a 1-rank ZeRO-2 run whose step-3 checkpoint the 2-rank launch resumes from (DP 1 -> 2)
@@ -92,7 +92,7 @@ def two_rank_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """One process, 8 steps, checkpoints at 3 and 6 (and 8)."""
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     run_dir = tmp_path_factory.mktemp("reference")
     train(config(run_dir, "train.max_steps=8", "train.checkpoint_every=3"), progress=False)
@@ -101,7 +101,7 @@ def reference_run(tmp_path_factory):
 
 # ---- parallel layouts give the same training -----------------------------------------------------
 def test_tensor_parallel_2_matches_single_device(two_rank_runs, reference_run):
-    from pretrain.checkpoint import load_model
+    from rdp.pretrain.checkpoint import load_model
 
     tp2, tp1 = losses(two_rank_runs["tp2"]), losses(reference_run)[:5]
     assert len(tp2) == 5
@@ -115,9 +115,9 @@ def test_tensor_parallel_2_matches_single_device(two_rank_runs, reference_run):
 def test_megatron_layers_at_tp_1_compute_what_the_plain_model_computes():
     import torch
 
-    from launch.distributed import init_distributed
-    from pretrain.model import build_model
-    from pretrain.parallel import build_parallel_model
+    from rdp.launch.distributed import init_distributed
+    from rdp.pretrain.model import build_model
+    from rdp.pretrain.parallel import build_parallel_model
 
     cfg = config("unused").model
     init_distributed(1)
@@ -133,7 +133,7 @@ def test_megatron_layers_at_tp_1_compute_what_the_plain_model_computes():
 
 
 def test_data_parallel_2_matches_one_rank_with_gradient_accumulation(two_rank_runs, tmp_path):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     train(config(tmp_path, "train.max_steps=5", "train.grad_accum_steps=2"), progress=False)
     dp2, accumulated = metrics(two_rank_runs["dp2_zero0"]), metrics(tmp_path)
@@ -152,7 +152,7 @@ def test_zero_stages_match_stage_0(two_rank_runs, stage):
 
 # ---- checkpoints and resume ---------------------------------------------------------------------------
 def test_resume_from_step_3_is_bit_identical(reference_run, tmp_path):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     checkpoint = reference_run / "checkpoints" / "step_00000003"
     result = train(config(tmp_path, "train.max_steps=8", "train.checkpoint_every=3", f"train.resume={checkpoint}"),
@@ -165,7 +165,7 @@ def test_resume_from_step_3_is_bit_identical(reference_run, tmp_path):
 
 
 def test_bf16_zero2_resume_is_bit_identical(tmp_path):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     bf16 = ["train.max_steps=4", "train.precision=bf16", "parallel.zero_stage=2", "train.checkpoint_every=2"]
     train(config(tmp_path / "full", *bf16), progress=False)
@@ -175,7 +175,7 @@ def test_bf16_zero2_resume_is_bit_identical(tmp_path):
 
 
 def test_data_parallel_2_to_1_resume_continues_the_data(two_rank_runs, tmp_path):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     source = two_rank_runs["dp2_zero2"]
     shutil.copytree(source / "checkpoints", tmp_path / "checkpoints")
@@ -201,8 +201,8 @@ def test_data_parallel_1_to_2_resume_reshards_the_optimizer_state(two_rank_runs)
 
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path):
-    from pretrain.checkpoint import load_model
-    from pretrain.train import train
+    from rdp.pretrain.checkpoint import load_model
+    from rdp.pretrain.train import train
 
     run_dir = tmp_path / "run"
     marker = tmp_path / "writing"
@@ -236,8 +236,8 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, t
 
 
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(reference_run, tmp_path):
-    from pretrain.checkpoint import load_model
-    from pretrain.train import train
+    from rdp.pretrain.checkpoint import load_model
+    from rdp.pretrain.train import train
 
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
     for name in ("step_00000008",):
@@ -258,7 +258,7 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(reference_ru
 def test_single_process_cli_stops_on_signal_at_a_step_boundary_and_resumes(reference_run, tmp_path):
     """`rdp train` as one plain process; SIGUSR1 -> checkpoint at the next step boundary,
     exit 0, no FINISHED marker; resume=auto then reproduces the uninterrupted run."""
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     run_dir = tmp_path / "run"
     spec = write_spec(tmp_path / "spec.json", {str(run_dir): ["train.max_steps=8", "train.checkpoint_every=3"]})
@@ -284,9 +284,9 @@ def test_single_process_cli_stops_on_signal_at_a_step_boundary_and_resumes(refer
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
     import torch
 
-    from pretrain import engine
-    from pretrain.checkpoint import load_model
-    from pretrain.train import TrainingError, train
+    from rdp.pretrain import engine
+    from rdp.pretrain.checkpoint import load_model
+    from rdp.pretrain.train import TrainingError, train
 
     class NanGradient(torch.autograd.Function):
         @staticmethod
@@ -344,7 +344,7 @@ def _scenarios(spec_file: str):
 
 
 def _worker(spec_file: str) -> None:
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     for run_dir, extra in _scenarios(spec_file):
         train(config(run_dir, *extra), progress=False)
@@ -352,7 +352,7 @@ def _worker(spec_file: str) -> None:
 
 def _block_in_checkpoint(spec_file: str, marker: str) -> None:
     """Train; on the second checkpoint, stop half-way through writing it (the test SIGKILLs)."""
-    from pretrain import train as train_module
+    from rdp.pretrain import train as train_module
 
     original = train_module.save_model_weights
     saves = {"n": 0}
@@ -371,8 +371,8 @@ def _block_in_checkpoint(spec_file: str, marker: str) -> None:
 
 def _slow_cli(spec_file: str) -> None:
     """`rdp train` with a pause after each step, so a signal lands mid-run."""
-    from launch.cli import main
-    from pretrain import train as train_module
+    from rdp.launch.cli import main
+    from rdp.pretrain import train as train_module
 
     original = train_module.Trainer.train_step
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from launch.env import LaunchError, discover, expand_nodelist, slurm_port
-from pretrain.checkpoint import publish, prune, resolve_checkpoint, staging_dir, verify_checkpoint
-from pretrain.config import ConfigError, load_config
-from pretrain.parallel import ShardSpec, check_tensor_parallel, shard_state_dict, unshard_state_dicts
+from rdp.launch.env import LaunchError, discover, expand_nodelist, slurm_port
+from rdp.pretrain.checkpoint import publish, prune, resolve_checkpoint, staging_dir, verify_checkpoint
+from rdp.pretrain.config import ConfigError, load_config
+from rdp.pretrain.parallel import ShardSpec, check_tensor_parallel, shard_state_dict, unshard_state_dicts
 
 
 # ---- launchers -----------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from evals.lm_adapter import RecurrentDepthLM  # noqa: E402
-from evals.testing import write_tiny_checkpoint  # noqa: E402
+from rdp.evals.lm_adapter import RecurrentDepthLM  # noqa: E402
+from rdp.evals.testing import write_tiny_checkpoint  # noqa: E402
 
 DEPTH = 3
 PROMPTS = ["Question: Tom has 3 apples.", "Answer: 12", "Question: A box holds 6 pens. How many"]
@@ -96,7 +96,7 @@ def test_bounded_caches(lm):
     full = generate(make(lm, num_steps=4, cache="full"), prompt, max_gen_toks=8)
     assert generate(make(lm, num_steps=4, cache="modulo", cache_slots=4), prompt, max_gen_toks=8) == full
     # memory of the bounded caches does not grow with depth
-    from evals.cache import RecurrentKVCache
+    from rdp.evals.cache import RecurrentKVCache
 
     sizes = {}
     for strategy, depth in [(s, d) for s in ("full", "latest", "modulo") for d in (2, 8)]:
@@ -135,8 +135,8 @@ def test_adaptive_exit_uses_fewer_steps(lm, criterion, threshold):
 
 
 def test_simple_evaluate_with_registered_name(checkpoint, tmp_path, monkeypatch):
-    from evals.gsm8k import write_local_tasks
-    from evals.testing import write_gsm8k_jsonl
+    from rdp.evals.gsm8k import write_local_tasks
+    from rdp.evals.testing import write_gsm8k_jsonl
     from lm_eval.tasks import TaskManager
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evals.cache import RecurrentKVCache
+from rdp.evals.cache import RecurrentKVCache
 
 CORE = 1  # layer 0 = prelude, layer 1 = the core layer
 

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from evals.lm_adapter import load_checkpoint
-from evals.testing import GSM8K_ROWS, write_tiny_checkpoint
-from evals.tokenizer import EvalTokenizer, load_eval_tokenizer
+from rdp.evals.lm_adapter import load_checkpoint
+from rdp.evals.testing import GSM8K_ROWS, write_tiny_checkpoint
+from rdp.evals.tokenizer import EvalTokenizer, load_eval_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def checkpoint(tmp_path_factory):
 def test_sentencepiece_model_of_this_project(tmp_path, checkpoint):
     import sentencepiece as spm
 
-    from pretrain.checkpoint import write_manifest
+    from rdp.pretrain.checkpoint import write_manifest
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"{r['question']} {r['answer']}" for r in GSM8K_ROWS * 20))
@@ -40,7 +40,7 @@ def test_sentencepiece_model_of_this_project(tmp_path, checkpoint):
 
 
 def test_huginn_layout_scores_like_the_training_checkpoint(tmp_path, checkpoint):
-    from pretrain.convert import save_huginn
+    from rdp.pretrain.convert import save_huginn
 
     trained = load_checkpoint(checkpoint)
     huginn_dir = save_huginn(trained, tmp_path / "huginn")

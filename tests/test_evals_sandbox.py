@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from evals.humaneval import load_problems, pass_at_k, program_for
-from evals.sandbox import SandboxLimits, namespace_prefix, run_program
+from rdp.evals.humaneval import load_problems, pass_at_k, program_for
+from rdp.evals.sandbox import SandboxLimits, namespace_prefix, run_program
 
 LIMITS = SandboxLimits(wall_s=3.0, cpu_s=2, memory_bytes=1024 ** 3, file_bytes=64 * 1024)
 OS_LAYERS = os.getuid() == 0 and "--pid" in namespace_prefix() and "--net" in namespace_prefix()

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from evals.reasoning import TASKS, ReasoningStream, composition_table
-from evals.testing import write_gsm8k_jsonl, write_tiny_checkpoint
-from launch.cli import main as rdp
+from rdp.evals.reasoning import TASKS, ReasoningStream, composition_table
+from rdp.evals.testing import write_gsm8k_jsonl, write_tiny_checkpoint
+from rdp.launch.cli import main as rdp
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_reasoning_command_trains_with_the_normal_trainer_and_sweeps(tmp_path):
 
 
 def test_harness_cli_takes_lm_eval_flags(checkpoint, tmp_path, monkeypatch, capsys):
-    from evals.gsm8k import write_local_tasks
-    from evals.harness import main as harness
+    from rdp.evals.gsm8k import write_local_tasks
+    from rdp.evals.harness import main as harness
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     write_local_tasks(write_gsm8k_jsonl(tmp_path / "gsm8k"), tmp_path / "tasks")

@@ -10,11 +10,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from launch.cli import main as rdp
-from pretrain.config import load_config
-from pretrain.flops import FlopsModel, plan_training, throughput_metrics
-from pretrain.model import build_model
-from pretrain.sampler import DepthSampler
+from rdp.launch.cli import main as rdp
+from rdp.pretrain.config import load_config
+from rdp.pretrain.flops import FlopsModel, plan_training, throughput_metrics
+from rdp.pretrain.model import build_model
+from rdp.pretrain.sampler import DepthSampler
 
 
 def counted_flops(fn) -> int:
@@ -86,7 +86,7 @@ def test_throughput_metrics():
 
 
 def test_device_peak_flops_uses_the_configured_value_or_the_table():
-    from pretrain.flops import PEAK_FLOPS, device_peak_flops
+    from rdp.pretrain.flops import PEAK_FLOPS, device_peak_flops
 
     assert device_peak_flops(123e12) == 123e12
     assert PEAK_FLOPS["h100"] == PEAK_FLOPS["h200"] == 989e12 and PEAK_FLOPS["mi250x"] == 191.5e12

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference as R
-from kernels.dispatch import OP_NAMES, get_ops, resolve_backend
+from rdp import kernels
+from rdp.kernels import reference as R
+from rdp.kernels.dispatch import OP_NAMES, get_ops, resolve_backend
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = REPO / "tests" / "kernels" / "interpreted_checks.py"
@@ -97,7 +97,7 @@ def test_public_entry_points_fall_back_to_reference(monkeypatch):
 
 def test_triton_ops_fall_back_for_tensors_triton_cannot_reach(monkeypatch):
     """model.kernels=auto on a GPU machine with a CPU model must not fail inside Triton."""
-    import kernels.triton_ops as T
+    import rdp.kernels.triton_ops as T
 
     monkeypatch.setattr(T, "INTERPRET", False)  # CPU tensors unreachable, as without the interpreter
     torch.manual_seed(1)
@@ -110,10 +110,10 @@ def test_triton_ops_fall_back_for_tensors_triton_cannot_reach(monkeypatch):
 def test_attention_forward_compiles_for_h100():
     """The interpreter compiles nothing: build the flash-attention forward (3.5B shapes, bf16,
     the GPU tile config) down to an sm_90 cubin with Triton's bundled ptxas, no GPU needed.
-    `python -m kernels.aot_check` does the same for every kernel (about a minute)."""
+    `python -m rdp.kernels.aot_check` does the same for every kernel (about a minute)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90", "--dtypes", "bf16",
+    proc = subprocess.run([sys.executable, "-m", "rdp.kernels.aot_check", "--arch", "90", "--dtypes", "bf16",
                            "--only", "_attn_fwd"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "_attn_fwd_kernel" in line]

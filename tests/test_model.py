@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import build_model
+from rdp.pretrain.model import build_model
 
 
 # ---- the spec, written out independently of pretrain/ and kernels/ -----------------------

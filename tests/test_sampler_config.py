@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from launch.cli import main as rdp
-from pretrain.config import ConfigError, load_config
-from pretrain.model import build_model, materialized_parameters, parameter_counts
-from pretrain.sampler import DepthSampler
+from rdp.launch.cli import main as rdp
+from rdp.pretrain.config import ConfigError, load_config
+from rdp.pretrain.model import build_model, materialized_parameters, parameter_counts
+from rdp.pretrain.sampler import DepthSampler
 
 
 def draws(sampler, steps):

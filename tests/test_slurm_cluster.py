@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
-RDP = [str(REPO / ".venv" / "bin" / "python"), "-m", "launch.cli"]
+RDP = [str(REPO / ".venv" / "bin" / "python"), "-m", "rdp.launch.cli"]
 # every job trains this run; a job signalled or preempted anywhere must end identical to it
 MAX_STEPS, CHECKPOINT_EVERY = 80, 10
 TRAIN_OVERRIDES = [f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
@@ -161,7 +161,7 @@ def kill_training_tasks(job_id: str) -> None:
         except OSError:
             continue
         if (f"SLURM_JOB_ID={job_id}".encode() in environ and b"SLURM_STEP_ID=0" in environ
-                and b"launch.cli" in command and b"train" in command):
+                and b"rdp.launch.cli" in command and b"train" in command):
             os.kill(int(proc.name), signal.SIGKILL)
             killed.append(int(proc.name))
     assert killed, f"no training task of job {job_id} found to kill"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main as rdp
-from pretrain.config import ConfigError
-from slurm.render import time_limit_seconds
-from slurm.site import SiteConfig, load_site
-from slurm.status import format_status, run_status
+from rdp.launch.cli import main as rdp
+from rdp.pretrain.config import ConfigError
+from rdp.slurm.render import time_limit_seconds
+from rdp.slurm.site import SiteConfig, load_site
+from rdp.slurm.status import format_status, run_status
 
 GPU_SITE = """
 name: bigcluster
@@ -108,7 +108,7 @@ def test_cpu_chain_renders_an_array_that_does_not_requeue_itself(tmp_path, capsy
     assert "REQUEUE_ON_SIGNAL=0" in lines
     srun = next(line for line in lines if line.startswith("srun "))
     assert srun.startswith("srun --nodes=1 --ntasks=2 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 "
-                           f"{sys.executable} -m launch.cli train ")
+                           f"{sys.executable} -m rdp.launch.cli train ")
     # a second submission to the same run gets its own folder; the first is kept
     dry_run(capsys, "tiny", "--time", "10", "train.run_dir=runs/c")
     assert sorted(p.name for p in (tmp_path / "runs/c/slurm").glob("submission-*")) == ["submission-001",
@@ -187,12 +187,12 @@ def test_submit_eval_dry_run_one_array_task_per_task_and_depth(tmp_path, capsys)
     assert "#SBATCH --time=02:00:00" in array and "#SBATCH --partition=debug" in array
     assert "TASKS=(parity parity s3 s3)" in array and "DEPTHS=(1 8 1 8)" in array
     srun = next(line for line in array if line.startswith("srun "))
-    assert srun == (f"srun --nodes=1 --ntasks=1 --cpus-per-task=1 --gpus-per-node=1 {sys.executable} -m launch.cli "
+    assert srun == (f"srun --nodes=1 --ntasks=1 --cpus-per-task=1 --gpus-per-node=1 {sys.executable} -m rdp.launch.cli "
                     f"eval {checkpoint} --tasks \"${{TASKS[$i]}}\" --depths \"${{DEPTHS[$i]}}\" --out \"$part\" "
                     "--no-progress --limit 10 --device cuda")
     merge = (checkpoint / "eval" / "slurm" / "eval-merge.sbatch").read_text().splitlines()
     assert not any("gpus" in line for line in merge)
-    assert merge[-1] == (f"srun --nodes=1 --ntasks=1 --cpus-per-task=1 {sys.executable} -m launch.cli "
+    assert merge[-1] == (f"srun --nodes=1 --ntasks=1 --cpus-per-task=1 {sys.executable} -m rdp.launch.cli "
                          f"merge-eval {checkpoint}/eval --expect 4")
     for path in ("eval-array.sbatch", "eval-merge.sbatch"):
         assert subprocess.run(["bash", "-n", str(checkpoint / "eval" / "slurm" / path)]).returncode == 0

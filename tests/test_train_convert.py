@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch.cli import main as rdp
-from pretrain.checkpoint import load_model
-from pretrain.config import load_config
-from pretrain.convert import ConversionError, load_huginn, save_huginn
-from pretrain.model import build_model
+from rdp.launch.cli import main as rdp
+from rdp.pretrain.checkpoint import load_model
+from rdp.pretrain.config import load_config
+from rdp.pretrain.convert import ConversionError, load_huginn, save_huginn
+from rdp.pretrain.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_train_writes_metrics_tensorboard_config_and_checkpoint(trained_run):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "train.max_steps=30", "train.eval_depths=[]"])
     result = train(cfg, progress=False)
@@ -46,7 +46,7 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def test_bf16_and_gradient_accumulation_train(tmp_path):
-    from pretrain.train import train
+    from rdp.pretrain.train import train
 
     cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "train.max_steps=2", "train.precision=bf16",
                                "train.grad_accum_steps=2", "train.eval_depths=[]"])

@@ -30,9 +30,9 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 if DEVICE == "cuda":
     torch.set_default_device(DEVICE)  # this file runs in its own process
 
-import kernels  # noqa: E402
-from kernels import reference as R  # noqa: E402
-from kernels import triton_ops as T  # noqa: E402
+from rdp import kernels  # noqa: E402
+from rdp.kernels import reference as R  # noqa: E402
+from rdp.kernels import triton_ops as T  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -247,7 +247,7 @@ def test_linear_cross_entropy(chunk_rows, dtype):
 
 def test_linear_cross_entropy_never_forms_full_logits(monkeypatch):
     """Every logits block the op materialises has at most chunk_rows tokens."""
-    import kernels.triton_linear as L
+    import rdp.kernels.triton_linear as L
 
     shapes = []
     real_linear = L.F.linear
@@ -285,7 +285,7 @@ def test_public_entry_points_run_triton_under_the_interpreter():
     assert_matches(y, R.rms_norm(x.double(), w.double(), 1e-6), torch.float32, "kernels.rms_norm")
     ops = kernels.get_ops("triton")
     assert ops.backend == "triton" and ops.attention is T.flash_attention and ops.rms_norm is T.rms_norm
-    assert ops.attention.triton_impl.__module__ == "kernels.triton_attention"
+    assert ops.attention.triton_impl.__module__ == "rdp.kernels.triton_attention"
     assert kernels.get_ops("auto").backend == ("triton" if torch.cuda.is_available() else "torch")
 
 
@@ -305,8 +305,8 @@ class ConcatCache:
 
 
 def _tiny_models():
-    from pretrain.config import load_config
-    from pretrain.model import build_model
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.model import build_model
 
     cfg = load_config("tiny").model  # the configs/tiny.yaml shape
     torch_model = build_model(dataclasses.replace(cfg, kernels="torch"), device=DEVICE, seed=0)
