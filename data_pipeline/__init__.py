@@ -1,10 +1,21 @@
 """Tokenizers, WebDataset shards and the resumable streaming loader."""
 from __future__ import annotations
 
+import os
+
+
+def check_data_files(data_cfg) -> None:
+    """Local files the config names exist (run before any process group or model is built)."""
+    if data_cfg.tokenizer and not os.path.isfile(data_cfg.tokenizer):
+        from rdp.data_pipeline.manifest import DataError
+
+        raise DataError(f"data.tokenizer {data_cfg.tokenizer!r}: no such file (the tokenizer .model the shards were made with)")
+
 
 def build_stream(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
     """The training stream for one data-parallel rank: `next_batch()` gives (inputs, labels),
     `state_dict()` / `load_state_dict()` hold the global position."""
+    check_data_files(data_cfg)
     if data_cfg.source == "synthetic":
         from rdp.data_pipeline.synthetic import SyntheticStream
 

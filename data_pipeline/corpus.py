@@ -38,7 +38,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         if not path.endswith(SUFFIXES):
             raise DataError(f"input {path!r}: unknown format (expected one of {', '.join(SUFFIXES)})")
     if not unique:
-        raise DataError(f"inputs {patterns}: no corpus files found")
+        raise DataError(f"inputs {patterns}: no corpus files found (accepted extensions: {', '.join(SUFFIXES)})")
     return unique
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 TAR_BLOCK = 512
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*(/[A-Za-z0-9_.][A-Za-z0-9_.-]*)*$")
 
 
 class DataError(RuntimeError):
@@ -84,6 +86,10 @@ class Manifest:
         if manifest.dtype not in ("uint16", "uint32"):
             raise DataError(f"{where}: field 'dtype' must be uint16 or uint32, got {manifest.dtype!r}")
         for shard in manifest.shards:
+            if not SHARD_NAME.match(str(shard.name)) or any(part in (".", "..") for part in str(shard.name).split("/")):
+                # a name goes into paths, URLs and `pipe:` shell commands: plain relative words only
+                raise DataError(f"{where}: shard name {shard.name!r} is not a plain relative path of letters, "
+                                f"digits and _ . - (no leading '-', no '..')")
             if shard.samples <= 0 or shard.stride < TAR_BLOCK or shard.first_offset % TAR_BLOCK:
                 raise DataError(f"{where}: shard {shard.name}: bad samples/stride/first_offset entry")
         return manifest

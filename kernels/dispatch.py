@@ -13,6 +13,18 @@ OP_NAMES = ("rms_norm", "add_rms_norm", "silu_mul", "bias_rope", "attention", "i
             "injection_embedding", "injection_with_embedding", "linear_cross_entropy")
 
 
+# Ops whose compiled Triton kernels a GPU run of scripts/gpu_check.sh has shown correct (fwd + bwd,
+# bf16) and faster than the PyTorch path. `model.kernels=auto` uses Triton on CUDA for these only;
+# empty until such a report exists, so a first run on a GPU takes the PyTorch path (SDPA, torch ops).
+VALIDATED_TRITON_OPS: frozenset[str] = frozenset()
+
+
+class KernelBackendError(RuntimeError):
+    """A kernel backend this machine cannot run; `rdp` prints it as one line."""
+
+    user_facing = True
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -30,22 +42,32 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 
 
 def resolve_backend(choice: str) -> str:
+    """torch, triton, or (auto on CUDA with some ops validated) mixed."""
     if choice == "auto":
-        return "triton" if torch.cuda.is_available() and triton_available() else "torch"
-    if choice == "triton" and not triton_available():
-        raise RuntimeError("model.kernels=triton needs a CUDA device or TRITON_INTERPRET=1 on CPU")
+        if not (VALIDATED_TRITON_OPS and torch.cuda.is_available() and triton_available()):
+            return "torch"
+        return "triton" if VALIDATED_TRITON_OPS >= set(OP_NAMES) else "mixed"
     if choice not in ("torch", "triton"):
         raise ValueError(f"model.kernels must be auto, triton or torch, got {choice!r}")
+    if choice == "triton" and not triton_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise KernelBackendError("model.kernels=triton: the triton package is not installed") from None
+        raise KernelBackendError("model.kernels=triton: no CUDA GPU is visible on this machine (and TRITON_INTERPRET=1, "
+                                 "the CPU interpreter, is not set); use model.kernels=auto or torch here")
     return choice
 
 
 def get_ops(choice: str = "auto") -> SimpleNamespace:
     backend = resolve_backend(choice)
     if backend == "torch":
-        impl = reference
+        ops = {name: getattr(reference, name) for name in OP_NAMES}
     else:
-        from rdp.kernels import triton_ops as impl  # imported lazily: Triton is heavy to import
-    ops = {name: getattr(impl, name, getattr(reference, name)) for name in OP_NAMES}
+        from rdp.kernels import triton_ops  # imported lazily: Triton is heavy to import
+
+        use_triton = set(OP_NAMES) if backend == "triton" else VALIDATED_TRITON_OPS
+        ops = {name: getattr(triton_ops if name in use_triton else reference, name) for name in OP_NAMES}
     return SimpleNamespace(backend=backend, **ops)
 
 

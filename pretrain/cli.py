@@ -7,6 +7,8 @@ import json
 from rdp.pretrain.config import load_config
 
 INFO_DEPTHS = (1, 4, 8, 16, 32, 64)
+# what `rdp flops --plan` assumes for a value not given (and says so)
+PLAN_DEFAULTS = {"tokens": 800e9, "gpus": 4096, "gpu": "h100", "mfu": 0.4}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -35,10 +37,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     flops.add_argument("--depths", default="1,4,8,16,32,64", help="comma-separated test-time depths")
     flops.add_argument("--json", action="store_true")
     flops.add_argument("--plan", action="store_true", help="print total FLOPs, days and GPU-hours of a run")
-    flops.add_argument("--tokens", type=float, default=800e9)
-    flops.add_argument("--gpus", type=int, default=4096)
-    flops.add_argument("--gpu", default="h100", help="h100, h200, a100 or mi250x")
-    flops.add_argument("--mfu", type=float, default=0.4)
+    flops.add_argument("--tokens", type=float, default=None, help=f"default {PLAN_DEFAULTS['tokens']:.3g}")
+    flops.add_argument("--gpus", type=int, default=None, help=f"default {PLAN_DEFAULTS['gpus']}")
+    flops.add_argument("--gpu", default=None, help="h100, h200, a100 or mi250x (default h100)")
+    flops.add_argument("--mfu", type=float, default=None, help=f"default {PLAN_DEFAULTS['mfu']}")
     flops.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s for other devices")
     flops.set_defaults(handler=run_flops)
 
@@ -93,18 +95,26 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_flops(args: argparse.Namespace) -> int:
-    from rdp.pretrain.flops import flops_report, plan_training
+    from rdp.pretrain.config import ConfigError
+    from rdp.pretrain.flops import PEAK_FLOPS, flops_report, plan_training
 
+    if args.gpu is not None and args.gpu.lower() not in PEAK_FLOPS and args.peak_flops <= 0:
+        raise ConfigError(f"--gpu {args.gpu!r}: unknown GPU (known: {', '.join(PEAK_FLOPS)}); "
+                          f"for another device give its peak with --peak-flops")
+    assumed = {name: value for name, value in PLAN_DEFAULTS.items() if getattr(args, name) is None}
+    for name, value in assumed.items():
+        setattr(args, name, value)
     config = load_config(args.config, args.overrides)
     try:
         depths = [int(d) for d in args.depths.split(",")]
     except ValueError:
-        raise ValueError(f"--depths {args.depths!r}: expected comma-separated integers") from None
+        raise ConfigError(f"--depths {args.depths!r}: expected comma-separated integers") from None
     report = flops_report(config.model, depths, args.seq_len)
     if args.plan:
         plan = plan_training(config.model, args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.peak_flops)
         report["plan"] = {"tokens": args.tokens, "gpus": args.gpus, "gpu": args.gpu, "mfu": args.mfu,
-                          "total_flops": plan.total_flops, "days": plan.days, "gpu_hours": plan.gpu_hours}
+                          "total_flops": plan.total_flops, "days": plan.days, "gpu_hours": plan.gpu_hours,
+                          "assumed": sorted(assumed)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -121,6 +131,9 @@ def run_flops(args: argparse.Namespace) -> int:
           f"(with recompute: {report['train_flops_per_token_expected_with_recompute']:.4g}; 6N = {report['six_n_per_token']:.4g})")
     if args.plan:
         p = report["plan"]
+        if assumed:
+            print("plan assumes (not given): " + ", ".join(
+                f"--{name} {value:.3g}" if name == "tokens" else f"--{name} {value}" for name, value in assumed.items()))
         print(f"plan: {p['tokens']:.3g} tokens on {p['gpus']} x {p['gpu']} at MFU {p['mfu']}: "
               f"{p['total_flops']:.3g} FLOPs, {p['days']:.1f} days, {p['gpu_hours']:,.0f} GPU-hours")
     return 0

@@ -130,6 +130,31 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path!r}: no such file and no preset of that name (presets: {known})")
 
 
+def load_yaml(path: str | Path):
+    """OmegaConf.load, with a syntax error reported as one line naming the file and line."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown line"
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise ConfigError(f"config {path}: YAML syntax error at {where}: {problem}") from None
+
+
+def _from_overrides(overrides: list[str]):
+    import yaml
+
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or _first_line(exc)
+            raise ConfigError(f"override {item!r}: YAML syntax error in its value: {problem}") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML preset <- `key=value` overrides, then value checks."""
     schema = OmegaConf.structured(RunConfig)
@@ -137,9 +162,9 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
         layers = [schema]
         if name_or_path is not None:
             path = resolve_preset(name_or_path)
-            layers.append(OmegaConf.load(path))
+            layers.append(load_yaml(path))
         if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_from_overrides(list(overrides)))
         merged = OmegaConf.merge(*layers)
         config: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

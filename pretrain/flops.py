@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from rdp.pretrain.config import ModelConfig
+from rdp.pretrain.config import ConfigError, ModelConfig
 from rdp.pretrain.sampler import DepthSampler
 
 # dense bf16 peak per device (per die for MI250X), FLOP/s
@@ -131,9 +131,9 @@ class TrainingPlan:
 def plan_training(cfg: ModelConfig, tokens: float, gpus: int, gpu: str, mfu: float,
                   seq_len: Optional[int] = None, peak: float = 0.0) -> TrainingPlan:
     if gpu.lower() not in PEAK_FLOPS and peak <= 0:
-        raise ValueError(f"--gpu {gpu!r}: unknown device (known: {', '.join(PEAK_FLOPS)}); give --peak-flops")
+        raise ConfigError(f"--gpu {gpu!r}: unknown device (known: {', '.join(PEAK_FLOPS)}); give --peak-flops")
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     per_token = FlopsModel.from_config(cfg, seq_len).expected_train(DepthSampler.from_config(cfg, seed=0))
     total = per_token * tokens
     seconds = total / (gpus * (peak or PEAK_FLOPS[gpu.lower()]) * mfu)

@@ -30,6 +30,7 @@ from rdp.pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_
 from rdp.pretrain.config import RunConfig, to_dict, to_yaml
 from rdp.pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
 from rdp.pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr_factor, set_lr
+from rdp.pretrain.preflight import preflight
 from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from rdp.pretrain.sampler import DepthSampler
 
@@ -64,6 +65,7 @@ class Trainer:
         self.config = config
         p, t = config.parallel, config.train
         check_tensor_parallel(config.model, p.tensor_parallel)  # before any process waits on another
+        preflight(config)
         self.ctx = init_distributed(p.tensor_parallel, p.backend)
         self.device = self.ctx.device
         self.progress = progress and self.ctx.is_main

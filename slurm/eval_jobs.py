@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from rdp.pretrain.config import ConfigError
-from rdp.slurm.render import JobShape, fill, env_lines, sbatch_option_lines, scheduling_options, setup_lines
+from rdp.slurm.render import (JobShape, env_lines, fill, sbatch_option_lines, scheduling_options, setup_lines,
+                               srun_flags, task_command)
 from rdp.slurm.site import SiteConfig
 from rdp.slurm.submit import sbatch
 
@@ -50,9 +51,8 @@ def _srun(site: SiteConfig, gpus: int, arguments: str) -> str:
     flags = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={site.cpus_per_task}"]
     if gpus:
         flags.append(f"--gpus-per-node={gpus}")
-    flags += site.srun_args + site.container.srun_args
-    prefix = f"{site.container.exec_prefix} " if site.container.exec_prefix else ""
-    return "srun " + " ".join(flags) + " " + prefix + site.rdp() + " " + arguments
+    flags += srun_flags(site)
+    return "srun " + " ".join(flags) + " " + task_command(site, []) + " " + arguments
 
 
 def submit_eval(args, shape: JobShape, site: SiteConfig) -> EvalSubmission:

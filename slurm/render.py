@@ -13,6 +13,7 @@ from typing import Optional
 
 from rdp.pretrain.config import ConfigError
 from rdp.slurm.site import SiteConfig
+from rdp.slurm.words import SHELL_BLOCKS, has_control_character, sbatch_word, shell_words
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -48,12 +49,20 @@ def fill(template_name: str, values: dict[str, object]) -> str:
     missing, unused = wanted - values.keys(), values.keys() - wanted
     if missing or unused:
         raise RuntimeError(f"template {template_name}: missing values {sorted(missing)}, unused {sorted(unused)}")
+    for name, value in values.items():
+        # last line of defence: a single-line value never adds a line to the script
+        if name not in SHELL_BLOCKS and has_control_character(str(value)):
+            raise ConfigError(f"template value {name}: {str(value)!r} has a newline or other control character")
     return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
 
 def sbatch_option_lines(options: list[tuple[str, Optional[str]]], extra: list[str]) -> str:
-    lines = [f"#SBATCH --{name}" if value is None else f"#SBATCH --{name}={value}" for name, value in options]
-    lines += [f"#SBATCH {line.removeprefix('#SBATCH').strip()}" for line in extra]
+    lines = [f"#SBATCH --{name}" if value is None else f"#SBATCH --{name}={sbatch_word(f'#SBATCH --{name}', value)}"
+             for name, value in options]
+    for line in extra:  # the site's own options, checked by slurm/site.py (one line each)
+        if has_control_character(line):
+            raise ConfigError(f"site config field 'sbatch_lines': {line!r} has a newline or other control character")
+        lines.append(f"#SBATCH {line.removeprefix('#SBATCH').strip()}")
     return "\n".join(lines)
 
 
@@ -72,8 +81,14 @@ def env_lines(site: SiteConfig, extra: dict[str, str] | None = None) -> str:
 
 
 def task_command(site: SiteConfig, arguments: list[str]) -> str:
-    prefix = f"{site.container.exec_prefix} " if site.container.exec_prefix else ""
-    return prefix + site.rdp() + " " + " ".join(shlex.quote(a) for a in arguments)
+    prefix = shell_words("site config field 'container.exec_prefix'", site.container.exec_prefix)
+    rdp = shell_words("site config field 'rdp_command'", site.rdp_command) if site.rdp_command else site.rdp()
+    return " ".join(filter(None, [prefix, rdp, *(shlex.quote(a) for a in arguments)]))
+
+
+def srun_flags(site: SiteConfig) -> list[str]:
+    """The site's extra srun flags, each one shell word whatever it holds."""
+    return [shlex.quote(flag) for flag in site.srun_args + site.container.srun_args]
 
 
 @dataclass
@@ -132,12 +147,16 @@ def srun_line(shape: JobShape, site: SiteConfig, command: str) -> str:
     flags = [f"--nodes={shape.nodes}", f"--ntasks={shape.total_tasks}",
              f"--ntasks-per-node={shape.tasks_per_node}", f"--cpus-per-task={site.cpus_per_task}",
              "--kill-on-bad-exit=1"]
-    flags += site.srun_args + site.container.srun_args
+    flags += srun_flags(site)
     return "srun " + " ".join(flags) + " " + command
 
 
 def render_train_script(job: TrainJob, site: SiteConfig) -> str:
     job.shape.check()
+    sbatch_word("config field 'train.run_dir'", job.run_dir)
+    sbatch_word("job name", job.job_name)
+    sbatch_word("the working directory (#SBATCH --chdir)", job.workdir)
+    sbatch_word("site config field 'log_dir'", site.log_dir)
     limit = time_limit_seconds(job.shape.time)
     if site.signal_seconds >= limit:
         raise ConfigError(f"site config field 'signal_seconds': {site.signal_seconds} s warning does not fit "

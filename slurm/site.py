@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rdp.pretrain.config import ConfigError
+from rdp.slurm.words import SBATCH_WORD, has_control_character
 
 SITE_DIR = Path(__file__).resolve().parent / "sites"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -81,8 +82,21 @@ def _check(site: SiteConfig, source: str) -> SiteConfig:
             fail("sbatch_lines", f"{line!r} is not an sbatch option (expected e.g. --exclusive)")
     for name in ("partition", "account", "qos"):
         value = getattr(site, name)
-        if value is not None and (not value or any(c.isspace() for c in value)):
-            fail(name, f"{value!r} must be a non-empty word")
+        if value is not None and not SBATCH_WORD.match(value):
+            fail(name, f"{value!r} must be a non-empty word of letters, digits and _ . / : @ % + , = ~ -")
+    for name in ("name", "log_dir"):
+        if not SBATCH_WORD.match(getattr(site, name)):
+            fail(name, f"{getattr(site, name)!r} must be a non-empty word of letters, digits and _ . / : @ % + , = ~ -")
+    # every other string reaches the script quoted, or as shell lines of the site's own (setup);
+    # none may carry a second line into it
+    strings = {"rdp_command": site.rdp_command, "container.exec_prefix": site.container.exec_prefix}
+    for section in ("modules", "setup", "sbatch_lines", "srun_args"):
+        strings.update({f"{section}[{i}]": v for i, v in enumerate(getattr(site, section))})
+    strings.update({f"container.srun_args[{i}]": v for i, v in enumerate(site.container.srun_args)})
+    strings.update({f"{section}.{k}": v for section in ("env", "nccl") for k, v in getattr(site, section).items()})
+    for name, value in strings.items():
+        if has_control_character(str(value)):
+            fail(name, f"{str(value)!r} has a newline or other control character")
     return site
 
 

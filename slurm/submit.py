@@ -19,6 +19,7 @@ from pathlib import Path
 from rdp.pretrain.config import ConfigError, load_config, to_yaml
 from rdp.slurm.render import JobShape, TrainJob, render_train_script
 from rdp.slurm.site import SiteConfig
+from rdp.slurm.words import sbatch_word
 
 JOBS_FILE = "jobs.jsonl"
 JOB_ID = re.compile(r"^(\d+)(;\S+)?$")
@@ -87,6 +88,7 @@ def submit_training(config_name: str, overrides: list[str], shape: JobShape, sit
     config = load_config(config_name, [*overrides, f"train.run_dir={run_dir}"])
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"config field 'train.run_dir': {run_dir} exists and is not a directory")
+    sbatch_word("config field 'train.run_dir'", run_dir)  # before anything is created under it
 
     submission_dir = next_submission_dir(run_dir)
     config_path = submission_dir / "config.yaml"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rdp import kernels
 from rdp.kernels import reference as R
-from rdp.kernels.dispatch import OP_NAMES, get_ops, resolve_backend
+from rdp.kernels.dispatch import OP_NAMES, VALIDATED_TRITON_OPS, KernelBackendError, get_ops, resolve_backend
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = REPO / "tests" / "kernels" / "interpreted_checks.py"
@@ -64,12 +64,28 @@ def test_triton_kernel_interpreted(check, interpreted_results):
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert resolve_backend("torch") == "torch"
-    assert resolve_backend("auto") == ("triton" if torch.cuda.is_available() else "torch")
+    # until a GPU run validates them (VALIDATED_TRITON_OPS), auto takes the PyTorch path, on CUDA too
+    assert VALIDATED_TRITON_OPS == frozenset()
+    assert resolve_backend("auto") == "torch"
     with pytest.raises(ValueError, match="auto, triton or torch"):
         resolve_backend("cuda")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with pytest.raises(KernelBackendError, match="no CUDA GPU .*TRITON_INTERPRET"):
             resolve_backend("triton")
+
+
+def test_auto_uses_triton_only_for_validated_ops_on_cuda(monkeypatch):
+    import rdp.kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "VALIDATED_TRITON_OPS", frozenset({"rms_norm", "silu_mul"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    ops = dispatch.get_ops("auto")
+    assert ops.backend == "mixed"
+    from rdp.kernels import triton_ops
+
+    assert ops.rms_norm is triton_ops.rms_norm and ops.silu_mul is triton_ops.silu_mul
+    assert ops.attention is R.attention and ops.bias_rope is R.bias_rope
 
 
 def test_torch_backend_is_the_reference():

@@ -286,7 +286,7 @@ def test_public_entry_points_run_triton_under_the_interpreter():
     ops = kernels.get_ops("triton")
     assert ops.backend == "triton" and ops.attention is T.flash_attention and ops.rms_norm is T.rms_norm
     assert ops.attention.triton_impl.__module__ == "rdp.kernels.triton_attention"
-    assert kernels.get_ops("auto").backend == ("triton" if torch.cuda.is_available() else "torch")
+    assert kernels.get_ops("auto").backend == "torch"  # until a GPU run validates the kernels
 
 
 # ---- the whole tiny model ------------------------------------------------------------------
