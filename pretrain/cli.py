@@ -109,9 +109,10 @@ def run_flops(args: argparse.Namespace) -> int:
         depths = [int(d) for d in args.depths.split(",")]
     except ValueError:
         raise ConfigError(f"--depths {args.depths!r}: expected comma-separated integers") from None
-    report = flops_report(config.model, depths, args.seq_len)
+    report = flops_report(config.model, depths, args.seq_len, config.objective)
     if args.plan:
-        plan = plan_training(config.model, args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.peak_flops)
+        plan = plan_training(config.model, args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.peak_flops,
+                             config.objective)
         report["plan"] = {"tokens": args.tokens, "gpus": args.gpus, "gpu": args.gpu, "mfu": args.mfu,
                           "total_flops": plan.total_flops, "days": plan.days, "gpu_hours": plan.gpu_hours,
                           "assumed": sorted(assumed)}
@@ -127,6 +128,8 @@ def run_flops(args: argparse.Namespace) -> int:
               f"{report['flops_per_materialized_param'][r]:>17.2f}")
     for nk, value in report["train_flops_per_token"].items():
         print(f"train FLOPs/token at (n, k) = ({nk}): {value:.4g}")
+    if report["train_objective"] != "last" or report["train_segments"] > 1:
+        print(f"training objective: {report['train_objective']}, {report['train_segments']} segment(s) per batch")
     print(f"train FLOPs/token, expected over the depth sampler: {report['train_flops_per_token_expected']:.4g} "
           f"(with recompute: {report['train_flops_per_token_expected_with_recompute']:.4g}; 6N = {report['six_n_per_token']:.4g})")
     if args.plan:

@@ -48,6 +48,9 @@ class ModelConfig:
     # auto: the PyTorch path (SDPA, torch ops), except Triton on CUDA for the ops a GPU run of
     # scripts/gpu_check.sh validated (kernels/dispatch.py VALIDATED_TRITON_OPS); triton | torch force one
     kernels: str = "auto"
+    # a learned exit gate on the latent state (docs/objectives.md); trained by
+    # objective.loss=expected_exit and/or objective.halting_weight, used by --exit-criterion learned
+    exit_gate: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +109,28 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a training step optimises (docs/objectives.md). The defaults are plain truncated
+    backprop: one loss after the last of the k grad iterations."""
+    # last: loss after the final iteration | every: mean of the losses after each of the k
+    # grad iterations (deep supervision) | expected_exit: expected loss under the exit gate's
+    # distribution over the k grad iterations, minus exit_entropy_weight x its entropy
+    loss: str = "last"
+    exit_entropy_weight: float = 0.01
+    # BCE of the exit gate against "this iteration's prediction is right" (HRM/TRM halting),
+    # at every iteration the loss looks at; 0 = off
+    halting_weight: float = 0.0
+    # HRM-style segments: the (n, k) recurrence runs this many times per batch, the state
+    # carried but detached between segments, a loss after each; one optimizer step per batch
+    segments: int = 1
+    # recurrence curriculum: the sampler's mean recurrence rises from curriculum_start to
+    # model.mean_recurrence over the first curriculum_steps steps (0 = off)
+    curriculum_steps: int = 0
+    curriculum: str = "linear"  # linear | 1-sqrt
+    curriculum_start: float = 1.0
+
+
+@dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
     zero_stage: int = 0
@@ -118,6 +143,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
@@ -248,7 +274,30 @@ def validate(config: RunConfig) -> None:
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _require(all(r >= 1 for r in t.eval_depths), "train.eval_depths", "depths must be >= 1")
+    validate_objective(config.objective, m)
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend",
              f"must be auto, nccl or gloo, got {p.backend!r}")
+
+
+OBJECTIVE_LOSSES = ("last", "every", "expected_exit")
+CURRICULA = ("linear", "1-sqrt")
+
+
+def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
+    _require(o.loss in OBJECTIVE_LOSSES, "objective.loss", f"must be one of {', '.join(OBJECTIVE_LOSSES)}, got {o.loss!r}")
+    _require(o.segments >= 1, "objective.segments", f"must be >= 1, got {o.segments}")
+    _require(o.exit_entropy_weight >= 0 and math.isfinite(o.exit_entropy_weight), "objective.exit_entropy_weight",
+             f"must be >= 0, got {o.exit_entropy_weight}")
+    _require(o.halting_weight >= 0 and math.isfinite(o.halting_weight), "objective.halting_weight",
+             f"must be >= 0, got {o.halting_weight}")
+    trains_gate = o.loss == "expected_exit" or o.halting_weight > 0
+    _require(m.exit_gate or not trains_gate, "model.exit_gate",
+             f"objective.loss={o.loss} / objective.halting_weight={o.halting_weight} train an exit gate; set model.exit_gate=true")
+    _require(trains_gate or not m.exit_gate, "model.exit_gate",
+             "the exit gate would never be trained: set objective.loss=expected_exit or objective.halting_weight > 0")
+    _require(o.curriculum in CURRICULA, "objective.curriculum", f"must be linear or 1-sqrt, got {o.curriculum!r}")
+    _require(o.curriculum_steps >= 0, "objective.curriculum_steps", f"must be >= 0, got {o.curriculum_steps}")
+    _require(0 < o.curriculum_start <= m.mean_recurrence, "objective.curriculum_start",
+             f"{o.curriculum_start} must be in (0, model.mean_recurrence={m.mean_recurrence}]")

@@ -109,23 +109,30 @@ class GradientWatch:
 
 class LossOnly(torch.nn.Module):
     """What the engine wraps: the model, returning its loss as a plain tensor. ZeRO-3 hooks
-    the module's outputs to know when backward reaches it, and it can only see tensors."""
+    the module's outputs to know when backward reaches it, and it can only see tensors.
+    In training mode the loss is the run's objective (pretrain.objectives); in eval mode the
+    plain loss after the last iteration."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, objective=None):
         super().__init__()
         self.model = model
+        self.objective = objective
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_steps, init_scale: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.model(input_ids, labels=labels, num_steps=num_steps, init_scale=init_scale,
-                          return_logits=False, generator=generator).loss
+                          return_logits=False, generator=generator,
+                          objective=self.objective if self.training else None).loss
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, mpu):
     import deepspeed
 
+    from rdp.pretrain.objectives import Objective
+
     optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=LossOnly(model), optimizer=optimizer, mpu=mpu,
+    wrapped = LossOnly(model, Objective.from_config(cfg.objective))
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, dp_size))
     if cfg.parallel.zero_stage == 3:
         # used outside their own module's forward (tied head, fused injection): ZeRO-3 must

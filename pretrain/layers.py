@@ -67,6 +67,16 @@ class LocalLayers:
         """Loss without returning logits: the kernel backend's chunked head + cross-entropy."""
         return ops.linear_cross_entropy(x, weight, labels)
 
+    def token_losses(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy (0 where labels == -100) and whether the label's logit is the
+        largest (ties count as right), for the objectives that weight tokens separately."""
+        logits = self.head_logits(x, weight)
+        with torch.no_grad():
+            label_logit = logits.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+            correct = label_logit >= logits.max(-1).values
+        losses = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="none")
+        return losses.view(labels.shape), correct
+
 
 def takase_std(hidden_size: int) -> float:
     return math.sqrt(2.0 / (5.0 * hidden_size))

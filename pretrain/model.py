@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from rdp.kernels import get_ops
 from rdp.kernels.reference import rope_cos_sin
 from rdp.pretrain.config import ModelConfig
-from rdp.pretrain.layers import Linear, LocalLayers, takase_std
+from rdp.pretrain.layers import Linear, LocalLayers, takase_std, trunc_normal_
 
 
 class KVCache(Protocol):
@@ -125,6 +125,30 @@ class SandwichBlock(nn.Module):
         return self.norm_4.add(x, self.mlp(self.norm_3(x)))
 
 
+class ExitGate(nn.Linear):
+    """The exit hazard of the latent state: lambda_t = sigmoid(w . rms(s_t) + b) is the
+    probability of stopping after iteration t, given the recurrence ran that far. Replicated
+    under TP (its input is full-width on every rank). The bias starts at -ln(mean backprop
+    depth), so the untrained exit distribution spreads over the supervised iterations."""
+
+    def __init__(self, hidden_size: int, init_std: float, eps: float, bias_init: float):
+        self.init_std, self.eps, self.bias_init = init_std, eps, bias_init
+        super().__init__(hidden_size, 1, bias=True)
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            trunc_normal_(self.weight, self.init_std)
+            nn.init.constant_(self.bias, self.bias_init)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        """Exit logits (batch, seq) in fp32."""
+        normed = torch.nn.functional.rms_norm(state, (state.shape[-1],), eps=self.eps)
+        return super().forward(normed).squeeze(-1).float()
+
+    def flops_per_token(self) -> int:
+        return 2 * self.in_features
+
+
 class RecurrentDepthModel(nn.Module):
     def __init__(self, cfg: ModelConfig, kit=None):
         super().__init__()
@@ -147,6 +171,8 @@ class RecurrentDepthModel(nn.Module):
             coda=blocks(cfg.coda_layers),
             ln_f=RMSNorm(h, cfg.norm_eps, self.ops),
         ))
+        if cfg.exit_gate:
+            self.transformer.exit_gate = ExitGate(h, std, cfg.norm_eps, -math.log(max(cfg.mean_backprop_depth, 1)))
         self.emb_scale = math.sqrt(h)
         self.state_std = takase_std(h)
         self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base),
@@ -173,6 +199,28 @@ class RecurrentDepthModel(nn.Module):
             x = block(x, cos_sin, cache, step)
         return x
 
+    def iterate(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor, n: int, k: int,
+                cache: Optional[KVCache] = None) -> list[torch.Tensor]:
+        """n core iterations without autograd, then k with it. Returns the state after each of
+        the k grad iterations (the training objectives decode them), or [final state] if k = 0."""
+        with torch.no_grad():
+            for step in range(n):
+                state = self.core_step(state, embedded, cos_sin, cache, step)
+        states = [state] if k == 0 else []
+        for step in range(n, n + k):
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(self.core_step, state, embedded, cos_sin, cache, step, use_reentrant=False)
+            else:
+                state = self.core_step(state, embedded, cos_sin, cache, step)
+            states.append(state)
+        return states
+
+    def exit_logits(self, state: torch.Tensor) -> torch.Tensor:
+        """The exit gate's logits (batch, seq) for a latent state; needs model.exit_gate."""
+        if "exit_gate" not in self.transformer:
+            raise ValueError("this model has no exit gate (it was trained without model.exit_gate=true)")
+        return self.transformer.exit_gate(state)
+
     def decode(self, state: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """ln_f, coda, ln_f again (the same norm module twice, as in the spec)."""
         x = self.transformer.ln_f(state)
@@ -194,7 +242,9 @@ class RecurrentDepthModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 num_steps=None, init_scale: float = 1.0, return_state: bool = False,
                 return_logits: bool = True, cache: Optional[KVCache] = None, position_offset: int = 0,
-                generator: Optional[torch.Generator] = None) -> ModelOutput:
+                generator: Optional[torch.Generator] = None, objective=None) -> ModelOutput:
+        """`objective` (pretrain.objectives.Objective) replaces the loss after the last
+        iteration by a training objective over the grad iterations; it needs labels."""
         n, k = self.resolve_steps(num_steps)
         seq = input_ids.shape[1]
         if position_offset + seq > self.cos_sin.shape[0]:
@@ -205,16 +255,11 @@ class RecurrentDepthModel(nn.Module):
         for block in self.transformer.prelude:
             embedded = block(embedded, cos_sin, cache)
         state = self.initial_state(embedded, init_scale, generator)
+        if objective is not None and labels is not None and not objective.plain:
+            state, loss = objective(self, embedded, state, cos_sin, labels, n, k)
+            return ModelOutput(logits=None, loss=loss, state=state if return_state else None, num_steps=(n, k))
 
-        with torch.no_grad():
-            for step in range(n):
-                state = self.core_step(state, embedded, cos_sin, cache, step)
-        for step in range(n, n + k):
-            if self.config.activation_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(self.core_step, state, embedded, cos_sin, cache, step, use_reentrant=False)
-            else:
-                state = self.core_step(state, embedded, cos_sin, cache, step)
-
+        state = self.iterate(state, embedded, cos_sin, n, k, cache)[-1]
         x = self.decode(state, cos_sin, cache)
         logits = loss = None
         if labels is not None and not return_logits:
@@ -237,7 +282,8 @@ class RecurrentDepthModel(nn.Module):
 
         return {"prelude": blocks(t.prelude), "core": blocks(t.core_block),
                 "adapter": 2 * 2 * cfg.hidden_size * cfg.hidden_size, "coda": blocks(t.coda),
-                "head": 2 * cfg.hidden_size * cfg.vocab_size}
+                "head": 2 * cfg.hidden_size * cfg.vocab_size,
+                "exit_gate": t.exit_gate.flops_per_token() if "exit_gate" in t else 0}
 
     def reset_parameters(self) -> None:
         """Re-draw every weight from the spec's init (norms to 1, q/k bias to 0)."""
@@ -265,6 +311,8 @@ def parameter_counts(model: RecurrentDepthModel) -> dict[str, int]:
         "coda": count_parameters(t.coda),
         "final_norm": count_parameters(t.ln_f),
     }
+    if "exit_gate" in t:
+        parts["exit_gate"] = count_parameters(t.exit_gate)
     parts["total"] = count_parameters(model)
     return parts
 

@@ -186,6 +186,31 @@ class MegatronLayers:
         per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
         return (per_token * valid).sum() / valid.sum()
 
+    def token_losses(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy (0 where not scored) and whether the label's logit is the
+        largest over the whole vocabulary (maxima all-reduced over the TP group)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = self.head_logits(x, weight)
+        valid = labels != -100
+        with torch.no_grad():  # before the cross-entropy, which may shift the logits in place
+            local = logits.shape[-1]
+            index = labels - self.tp_rank * local
+            mine = valid & (index >= 0) & (index < local)
+            label_logit = logits.gather(-1, index.clamp(0, local - 1)[..., None])[..., 0]
+            label_logit = label_logit.masked_fill(~mine, float("-inf"))
+            best = logits.max(-1).values
+            if self.tp_size > 1:
+                group = parallel_state.get_tensor_model_parallel_group()
+                both = torch.stack([label_logit, best])
+                dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+                label_logit, best = both.unbind(0)
+            correct = label_logit >= best
+        per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0))
+        return per_token * valid, correct
+
     def loss(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ops) -> torch.Tensor:
         """At TP=1 the kernel backend's chunked head + cross-entropy (no full fp32 logits);
         with the vocabulary split, megatron's vocab-parallel cross-entropy."""

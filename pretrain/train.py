@@ -32,6 +32,7 @@ from rdp.pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
 from rdp.pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr_factor, set_lr
 from rdp.pretrain.preflight import preflight
 from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
+from rdp.pretrain.objectives import Objective
 from rdp.pretrain.sampler import DepthSampler
 
 FINISHED_MARKER = "FINISHED"  # the SLURM chain (slurm/render.py) stops resubmitting once it exists
@@ -77,7 +78,8 @@ class Trainer:
         self.engine, self.optimizer = build_engine(model, config, self.ctx.dp_size, MegatronMPU())
         self._keep_rope_in_fp32()
         self.watch = GradientWatch(model)
-        self.sampler = DepthSampler.from_config(config.model, t.seed)
+        self.sampler = DepthSampler.from_config(config.model, t.seed, config.objective)
+        self.objective = Objective.from_config(config.objective)
         self.flops = FlopsModel.from_config(config.model, config.data.seq_len)
         self.peak_flops = device_peak_flops(t.peak_flops)  # None on CPU: achieved FLOP/s only
         self.stream = build_stream(config.data, config.model.vocab_size, t.micro_batch_size,
@@ -272,7 +274,7 @@ class Trainer:
                 record["tokens_per_s"] = step_tokens / seconds
                 record.update(throughput_metrics(self.flops, record["n"], record["k"], step_tokens, seconds,
                                                  self.config.model.activation_checkpointing, self.peak_flops,
-                                                 self.ctx.world_size))
+                                                 self.ctx.world_size, self.objective))
                 result.losses.append(record["loss"])
                 if main:
                     metrics.write(json.dumps(record) + "\n")
