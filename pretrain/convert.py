@@ -3,6 +3,9 @@ safetensors weights, single-file or sharded with model.safetensors.index.json.
 
 Our module names are the Huginn names, so the mapping is the identity except for the
 tied head (stored again as lm_head.weight) and the stored RoPE table (ignored on import).
+A learned exit gate (model.exit_gate) has no counterpart in huginn-0125: it is written as
+`transformer.exit_gate.{weight,bias}` with `"rdp_exit_gate": true` in config.json, read back
+by this importer; Huginn's own modelling code ignores both (it exits by its own criteria).
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ def huginn_config(cfg: ModelConfig) -> dict:
         "state_init": "like-init",
         "torch_dtype": "float32",
     })
+    if cfg.exit_gate:
+        out["rdp_exit_gate"] = True
     return out
 
 
@@ -71,12 +76,20 @@ def model_config_from_huginn(data: dict, source: Path) -> ModelConfig:
             setattr(cfg, ours, type(getattr(cfg, ours))(data[hf]))
         elif hf in ("n_embd", "n_heads", "vocab_size", "intermediate_size"):
             raise ConversionError(f"{source}: config.json lacks the field {hf!r}")
+    cfg.exit_gate = bool(data.get("rdp_exit_gate", False))
     if data.get("num_key_value_heads", cfg.num_heads) != cfg.num_heads:
         raise ConversionError(f"{source}: field 'num_key_value_heads' must equal n_heads (no GQA in this family)")
+    validate(run_config_for(cfg))
+    return cfg
+
+
+def run_config_for(cfg: ModelConfig) -> RunConfig:
+    """A valid run config around an imported model (a gate implies an objective that trains it)."""
     run = RunConfig(model=cfg)
     run.data.seq_len = min(run.data.seq_len, cfg.max_seq_len)
-    validate(run)
-    return cfg
+    if cfg.exit_gate:
+        run.objective.loss = "expected_exit"
+    return run
 
 
 def read_safetensors(directory: Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
@@ -142,7 +155,5 @@ def import_huginn(source: str | Path, output: str | Path) -> Path:
     from rdp.pretrain.checkpoint import save_model_weights
 
     model = load_huginn(source)
-    config = RunConfig(model=model.config)
-    config.data.seq_len = min(config.data.seq_len, model.config.max_seq_len)
-    save_model_weights(model, Path(output), config)
+    save_model_weights(model, Path(output), run_config_for(model.config))
     return Path(output)
