@@ -9,18 +9,23 @@ The criteria follow huginn-0125's evaluation (spec, "Evaluation at test-time dep
 | latent-diff      | ||s_now - s_prev|| / ||s_now||                                         |
 | cosine           | 1 - cos(s_now, s_prev)                                                |
 | argmax-stability | exit once the argmax stayed the same for `threshold` steps in a row   |
+| learned          | exit once the exit gate's CDF 1 - prod_t (1 - lambda_t) reaches q = threshold |
 
-A threshold <= 0 never exits, so the token runs the full depth.
+A threshold <= 0 never exits, so the token runs the full depth. `learned` needs a model
+trained with an exit gate (model.exit_gate, docs/objectives.md); q is in (0, 1] and it may
+exit after the first iteration; it reads no logits, so it costs one tiny linear per step.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-CRITERIA = ("kl", "entropy-diff", "latent-diff", "argmax-stability", "cosine")
-DEFAULT_THRESHOLDS = {"kl": 5e-4, "entropy-diff": 1e-3, "latent-diff": 0.03, "argmax-stability": 5, "cosine": 1e-3}
+CRITERIA = ("kl", "entropy-diff", "latent-diff", "argmax-stability", "cosine", "learned")
+DEFAULT_THRESHOLDS = {"kl": 5e-4, "entropy-diff": 1e-3, "latent-diff": 0.03, "argmax-stability": 5, "cosine": 1e-3,
+                      "learned": 0.5}
 
 
 class ExitCriterion:
@@ -31,16 +36,24 @@ class ExitCriterion:
             raise ValueError(f"exit criterion must be one of {', '.join(CRITERIA)}, got {name!r}")
         self.name = name
         self.threshold = DEFAULT_THRESHOLDS[name] if threshold is None else float(threshold)
+        if name == "learned" and not 0 < self.threshold <= 1:
+            raise ValueError(f"exit threshold of the learned exit is a CDF level q in (0, 1], got {self.threshold}")
         self.needs_logits = name in ("kl", "entropy-diff", "argmax-stability")
+        self.needs_gate = name == "learned"
         self.reset()
 
     def reset(self) -> None:
         self.prev_state: Optional[torch.Tensor] = None
         self.prev_logp: Optional[torch.Tensor] = None
         self.stable_steps = 0
+        self.log_survival = 0.0  # log prod (1 - lambda_t) so far (learned exit)
 
-    def update(self, state: torch.Tensor, logits: Optional[torch.Tensor]) -> bool:
-        """True when the token may stop after this step. state: (h,), logits: (vocab,)."""
+    def update(self, state: torch.Tensor, logits: Optional[torch.Tensor], exit_logit: Optional[torch.Tensor] = None) -> bool:
+        """True when the token may stop after this step. state: (h,), logits: (vocab,),
+        exit_logit: the exit gate's logit (scalar) for `learned`."""
+        if self.needs_gate:
+            self.log_survival += float(F.logsigmoid(-exit_logit.float()))
+            return exit_cdf_reached(torch.tensor(self.log_survival), self.threshold).item()
         state = state.float()
         logp = F.log_softmax(logits.float(), dim=-1) if logits is not None else None
         done = False
@@ -64,3 +77,36 @@ class ExitCriterion:
             self.stable_steps = self.stable_steps + 1 if same else 0
             return self.stable_steps >= self.threshold
         return float(value) < self.threshold
+
+
+def exit_cdf_reached(log_survival: torch.Tensor, q: float) -> torch.Tensor:
+    """1 - prod (1 - lambda) >= q, from log prod (1 - lambda)."""
+    return log_survival <= math.log1p(-q) if q < 1 else log_survival == float("-inf")
+
+
+@torch.no_grad()
+def learned_exit_forward(model, input_ids: torch.Tensor, max_depth: int, q: float,
+                         init_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full-sequence forward where each position stops iterating once its exit gate's
+    CDF reaches q (or at max_depth): a stopped position keeps its state, which the others
+    still attend to. Returns (logits, iterations used per position). For tasks scored in one
+    forward (evals/reasoning.py); generation exits token by token in evals/runner.py."""
+    if not 0 < q <= 1:
+        raise ValueError(f"exit threshold of the learned exit is a CDF level q in (0, 1], got {q}")
+    cos_sin = model.cos_sin[:input_ids.shape[1]]
+    embedded = model.embed(input_ids)
+    for block in model.transformer.prelude:
+        embedded = block(embedded, cos_sin)
+    state = model.initial_state(embedded, init_scale)
+    log_survival = torch.zeros(input_ids.shape, device=input_ids.device)
+    steps = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_depth):
+        state = torch.where(done[..., None], state, model.core_step(state, embedded, cos_sin, step=step))
+        steps += ~done
+        log_survival = log_survival + F.logsigmoid(-model.exit_logits(state))
+        done = done | exit_cdf_reached(log_survival, q)
+        if bool(done.all()):
+            break
+    logits = model.kit.head_logits(model.decode(state, cos_sin), model.transformer.wte.weight)
+    return logits, steps

@@ -32,7 +32,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ev.add_argument("--init-scale", type=float, default=0.0, help="std multiplier of the random initial state")
     ev.add_argument("--exit-criterion", default=None,
-                    help="adaptive exit: kl, entropy-diff, latent-diff, argmax-stability or cosine")
+                    help="adaptive exit: kl, entropy-diff, latent-diff, argmax-stability, cosine, or learned "
+                         "(the exit gate of a model trained with model.exit_gate=true; threshold = CDF level q)")
     ev.add_argument("--exit-threshold", type=float, default=None)
     ev.add_argument("--cache", default="full", help="KV cache for generation: full, latest, modulo or none")
     ev.add_argument("--cache-slots", type=int, default=4)

@@ -25,7 +25,7 @@ class DepthSettings:
     init_scale: float = 1.0
     cache: str = "full"  # full | latest | modulo | none (recompute the prefix every token)
     cache_slots: int = 4  # for cache=modulo
-    exit_criterion: Optional[str] = None  # kl | entropy-diff | latent-diff | argmax-stability | cosine
+    exit_criterion: Optional[str] = None  # kl | entropy-diff | latent-diff | argmax-stability | cosine | learned
     exit_threshold: Optional[float] = None
     seed: int = 1234
 
@@ -66,6 +66,9 @@ class DepthRunner:
         self.max_len = cfg.max_seq_len
         self.generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.steps_used: list[int] = []  # core steps spent on each token that was adaptive
+        if settings.exit_criterion == "learned" and "exit_gate" not in model.transformer:
+            raise ValueError("--exit-criterion learned needs a model trained with an exit gate (model.exit_gate=true); "
+                             "this checkpoint has none")
 
     @property
     def adaptive(self) -> bool:
@@ -104,10 +107,12 @@ class DepthRunner:
             state = model.core_step(state, embedded, cos_sin, cache, step)
             if step == steps - 1:
                 break
-            logits = None
+            logits = exit_logit = None
             if criterion.needs_logits:
                 logits = model.kit.head_logits(model.decode(state, cos_sin, probe), model.transformer.wte.weight)[0, -1]
-            if criterion.update(state[0, -1], logits):
+            if criterion.needs_gate:
+                exit_logit = model.exit_logits(state)[0, -1]
+            if criterion.update(state[0, -1], logits, exit_logit):
                 break
         self.steps_used.append(step + 1)
         x = model.decode(state, cos_sin, cache)
