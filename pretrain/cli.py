@@ -69,7 +69,7 @@ def run_info(args: argparse.Namespace) -> int:
         "params_total": counts["total"],
         "params_core": counts["core"],
         "params_by_part": {k: v for k, v in counts.items() if k != "total"},
-        "params_materialized": {str(r): materialized_parameters(counts, r) for r in range(1, 65)},
+        "params_materialized": {str(r): materialized_parameters(counts, r, config.model.low_level_steps) for r in range(1, 65)},
     }
     if args.json:
         print(json.dumps(report, indent=2))

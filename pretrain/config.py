@@ -51,6 +51,10 @@ class ModelConfig:
     # a learned exit gate on the latent state (docs/objectives.md); trained by
     # objective.loss=expected_exit and/or objective.halting_weight, used by --exit-criterion learned
     exit_gate: bool = False
+    # HRM's two-timescale core (pretrain/hrm.py): a low-level block of low_level_layers
+    # layers iterated low_level_steps times per core iteration; 0 = the plain core
+    low_level_steps: int = 0
+    low_level_layers: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -58,7 +62,8 @@ class ModelConfig:
 
     @property
     def effective_depth(self) -> int:
-        return self.prelude_layers + self.coda_layers + self.core_layers * self.mean_recurrence
+        low = self.low_level_layers * self.low_level_steps
+        return self.prelude_layers + self.coda_layers + (self.core_layers + low) * self.mean_recurrence
 
 
 @dataclass
@@ -234,8 +239,10 @@ def validate(config: RunConfig) -> None:
     for name in ("hidden_size", "num_heads", "vocab_size", "max_seq_len", "intermediate_size",
                  "core_layers", "mean_recurrence"):
         _require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
-    for name in ("prelude_layers", "coda_layers", "mean_backprop_depth"):
+    for name in ("prelude_layers", "coda_layers", "mean_backprop_depth", "low_level_steps"):
         _require(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
+    _require(m.low_level_layers >= 1 or m.low_level_steps == 0, "model.low_level_layers",
+             f"must be >= 1 with model.low_level_steps={m.low_level_steps}, got {m.low_level_layers}")
     _require(m.hidden_size % m.num_heads == 0, "model.hidden_size",
              f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     _require(m.head_dim % 2 == 0, "model.num_heads",

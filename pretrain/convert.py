@@ -136,6 +136,9 @@ def load_huginn(path: str | Path, device: str | torch.device = "cpu",
 
 
 def save_huginn(model: RecurrentDepthModel, path: str | Path) -> Path:
+    if model.config.low_level_steps:
+        raise ConversionError(f"model.low_level_steps={model.config.low_level_steps}: the Huginn layout has no "
+                              "two-timescale (HRM) core; this model cannot be exported to it")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}

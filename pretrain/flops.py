@@ -27,6 +27,8 @@ class FlopsModel:
     coda: int
     head: int
     exit_gate: int = 0
+    low_level: int = 0  # one update of HRM's low-level block (pretrain/hrm.py)
+    low_level_steps: int = 0
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seq_len: Optional[int] = None, causal_skip: bool = False) -> "FlopsModel":
@@ -41,7 +43,13 @@ class FlopsModel:
 
     @property
     def per_iteration(self) -> int:
-        return self.core + self.adapter
+        return self.core + self.adapter + self.low_level_steps * self.low_level
+
+    @property
+    def per_iteration_backward(self) -> int:
+        """Forward FLOPs of what one grad iteration backpropagates through: all of it, or for
+        HRM's core the last low-level update and the high-level one (one-step gradient)."""
+        return self.core + self.adapter + (self.low_level if self.low_level_steps else 0)
 
     def forward(self, depth: int, gated: bool = False) -> int:
         """One forward at `depth`; `gated`: the exit gate read after every iteration
@@ -59,7 +67,7 @@ class FlopsModel:
         gated = objective.gated(k) if objective is not None else 0
         decode = self.coda + self.head
         forward = (n + k) * self.per_iteration + decoded * decode + gated * self.exit_gate
-        backward = 2 * (k * self.per_iteration + decoded * decode + gated * self.exit_gate)
+        backward = 2 * (k * self.per_iteration_backward + decoded * decode + gated * self.exit_gate)
         recomputed = k * self.per_iteration if recompute else 0
         return 3 * self.prelude + segments * (forward + backward + recomputed)
 
@@ -110,7 +118,7 @@ def flops_report(cfg: ModelConfig, depths: list[int], seq_len: Optional[int] = N
     sampler = DepthSampler.from_config(cfg, seed=0)
     recompute = cfg.activation_checkpointing
     objective = Objective.from_config(objective_cfg) if objective_cfg is not None else None
-    materialized = {r: materialized_parameters(counts, r) for r in depths}
+    materialized = {r: materialized_parameters(counts, r, cfg.low_level_steps) for r in depths}
     forward = {r: full.forward(r) for r in depths}
     report = {
         "seq_len": seq_len,

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rdp.kernels import get_ops
 from rdp.kernels.reference import rope_cos_sin
+from rdp.pretrain import hrm
 from rdp.pretrain.config import ModelConfig
 from rdp.pretrain.layers import Linear, LocalLayers, takase_std, trunc_normal_
 
@@ -157,7 +158,8 @@ class RecurrentDepthModel(nn.Module):
         self.kit = kit
         self.ops = get_ops(cfg.kernels)
         h, std = cfg.hidden_size, takase_std(cfg.hidden_size) * cfg.init_std_scale
-        layer_ids = iter(range(cfg.prelude_layers + cfg.core_layers + cfg.coda_layers))
+        low_layers = cfg.low_level_layers if cfg.low_level_steps else 0
+        layer_ids = iter(range(cfg.prelude_layers + cfg.core_layers + cfg.coda_layers + low_layers))
 
         def blocks(count: int) -> nn.ModuleList:
             return nn.ModuleList(SandwichBlock(cfg, kit, self.ops, next(layer_ids)) for _ in range(count))
@@ -173,6 +175,8 @@ class RecurrentDepthModel(nn.Module):
         ))
         if cfg.exit_gate:
             self.transformer.exit_gate = ExitGate(h, std, cfg.norm_eps, -math.log(max(cfg.mean_backprop_depth, 1)))
+        if cfg.low_level_steps:  # HRM's low-level module (pretrain/hrm.py)
+            self.transformer.low_block = blocks(low_layers)
         self.emb_scale = math.sqrt(h)
         self.state_std = takase_std(h)
         self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base),
@@ -184,6 +188,12 @@ class RecurrentDepthModel(nn.Module):
 
     def initial_state(self, embedded: torch.Tensor, init_scale: float = 1.0,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.config.low_level_steps:
+            return hrm.initial_state(self, embedded, init_scale, generator)
+        return self.draw_state(embedded, init_scale, generator)
+
+    def draw_state(self, embedded: torch.Tensor, init_scale: float = 1.0,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
         std = self.state_std * init_scale
         state = torch.zeros_like(embedded)
         if std > 0:
@@ -193,7 +203,9 @@ class RecurrentDepthModel(nn.Module):
 
     def core_step(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor,
                   cache: Optional[KVCache] = None, step: int = 0) -> torch.Tensor:
-        """One recurrence: s <- core(adapter(concat([s, e])))."""
+        """One recurrence: s <- core(adapter(concat([s, e]))) (or HRM's, pretrain/hrm.py)."""
+        if self.config.low_level_steps:
+            return hrm.core_step(self, state, embedded, cos_sin, cache, step)
         x = self.ops.injection(state, embedded, self.transformer.adapter.weight)
         for block in self.transformer.core_block:
             x = block(x, cos_sin, cache, step)
@@ -219,11 +231,11 @@ class RecurrentDepthModel(nn.Module):
         """The exit gate's logits (batch, seq) for a latent state; needs model.exit_gate."""
         if "exit_gate" not in self.transformer:
             raise ValueError("this model has no exit gate (it was trained without model.exit_gate=true)")
-        return self.transformer.exit_gate(state)
+        return self.transformer.exit_gate(hrm.high_level(state, self.config.hidden_size))
 
     def decode(self, state: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """ln_f, coda, ln_f again (the same norm module twice, as in the spec)."""
-        x = self.transformer.ln_f(state)
+        x = self.transformer.ln_f(hrm.high_level(state, self.config.hidden_size))
         for block in self.transformer.coda:
             x = block(x, cos_sin, cache)
         return self.transformer.ln_f(x)
@@ -283,7 +295,8 @@ class RecurrentDepthModel(nn.Module):
         return {"prelude": blocks(t.prelude), "core": blocks(t.core_block),
                 "adapter": 2 * 2 * cfg.hidden_size * cfg.hidden_size, "coda": blocks(t.coda),
                 "head": 2 * cfg.hidden_size * cfg.vocab_size,
-                "exit_gate": t.exit_gate.flops_per_token() if "exit_gate" in t else 0}
+                "exit_gate": t.exit_gate.flops_per_token() if "exit_gate" in t else 0,
+                "low_level": blocks(t.low_block) if "low_block" in t else 0, "low_level_steps": cfg.low_level_steps}
 
     def reset_parameters(self) -> None:
         """Re-draw every weight from the spec's init (norms to 1, q/k bias to 0)."""
@@ -313,12 +326,16 @@ def parameter_counts(model: RecurrentDepthModel) -> dict[str, int]:
     }
     if "exit_gate" in t:
         parts["exit_gate"] = count_parameters(t.exit_gate)
+    if "low_block" in t:
+        parts["low_level"] = count_parameters(t.low_block)
     parts["total"] = count_parameters(model)
     return parts
 
 
-def materialized_parameters(counts: dict[str, int], depth: int) -> int:
-    return counts["total"] - counts["core"] + depth * counts["core"]
+def materialized_parameters(counts: dict[str, int], depth: int, low_level_steps: int = 0) -> int:
+    """The core counted `depth` times (and an HRM low-level block depth x low_level_steps times)."""
+    low = counts.get("low_level", 0)
+    return counts["total"] - counts["core"] - low + depth * (counts["core"] + low_level_steps * low)
 
 
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor],

@@ -257,3 +257,74 @@ def test_objective_flops_match_flop_counter(tiny_config, objective):
     flops = FlopsModel.from_config(cfg, 40)
     assert_within_one_percent(flops.train(n, k, objective=objective), counted_flops(step) / tokens.numel())
     assert flops.train(n, k, objective=objective) > flops.train(n, k)
+
+
+# ---- HRM's two-timescale core (pretrain/hrm.py) ------------------------------------------------------
+def hrm_config(cfg, steps=3):
+    return replace(cfg, low_level_steps=steps, low_level_layers=1)
+
+
+def hand_hrm(model, tokens, n, k, steps):
+    """The two-timescale recurrence written out: T low-level updates z_L <- L(z_L + z_H + e)
+    per high-level update z_H <- H(adapter([z_H, z_L])); in a grad iteration the first T-1
+    low-level results are constants (detached), the state detached after the n no-grad ones."""
+    cos_sin = model.cos_sin[:tokens.shape[1]]
+    e = model.embed(tokens)
+    for block in model.transformer.prelude:
+        e = block(e, cos_sin)
+    zh, zl = torch.zeros_like(e), torch.zeros_like(e)
+
+    def run(blocks, x):
+        for block in blocks:
+            x = block(x, cos_sin)
+        return x
+
+    for it in range(n + k):
+        for t in range(steps):
+            if t == steps - 1 and it >= n:
+                zl = zl.detach()
+            zl = run(model.transformer.low_block, zl + zh + e)
+        zh = run(model.transformer.core_block, torch.cat([zh, zl], -1) @ model.transformer.adapter.weight.T)
+        if it == n - 1:
+            zh, zl = zh.detach(), zl.detach()
+    return hand_logits(model, zh, cos_sin)
+
+
+def test_hrm_core_forward_and_one_step_gradient_match_the_hand_written_recurrence(micro_model_config):
+    model = build_model(hrm_config(micro_model_config), seed=5)
+    tokens, labels = batch(micro_model_config, seed=4)
+    scored = (labels != -100).sum()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, num_steps=4, init_scale=0.0).logits,
+                                   hand_hrm(model, tokens, 4, 0, 3), rtol=1e-5, atol=1e-5)
+
+    def ours_hrm():
+        return model(tokens, labels=labels, num_steps=(1, 2), init_scale=0.0).loss
+
+    def hand():
+        return hand_token_ce(hand_hrm(model, tokens, 1, 2, 3), labels).sum() / scored
+
+    grads = assert_same(model, ours_hrm, hand)
+    assert grads["transformer.low_block.0.mlp.fc.weight"].abs().sum() > 0
+
+
+def test_hrm_core_flops_config_and_export(tiny_config, micro_model_config, tmp_path):
+    from rdp.pretrain.config import ConfigError, load_config
+    from rdp.pretrain.convert import ConversionError, save_huginn
+    from rdp.pretrain.flops import FlopsModel
+    from tests.test_flops import assert_within_one_percent, counted_flops
+
+    cfg = hrm_config(tiny_config.model, steps=3)
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, 128, (2, 40))
+
+    def step():
+        model(tokens, labels=tokens, num_steps=(1, 2), return_logits=False).loss.backward()
+
+    flops = FlopsModel.from_config(cfg, 40)
+    assert_within_one_percent(flops.train(1, 2), counted_flops(step) / tokens.numel())
+    assert_within_one_percent(flops.forward(3), counted_flops(lambda: model(tokens, num_steps=3)) / tokens.numel())
+    with pytest.raises(ConfigError, match="'model.low_level_layers'"):
+        load_config("tiny", ["model.low_level_steps=2", "model.low_level_layers=0"])
+    with pytest.raises(ConversionError, match="two-timescale"):
+        save_huginn(build_model(hrm_config(micro_model_config), seed=0), tmp_path)

@@ -27,6 +27,7 @@ MODEL_CHECKS = {
     "segments": {"loss": "last", "segments": 2},
     "expected_exit": {"loss": "expected_exit", "exit_entropy_weight": 0.1},
     "halting": {"loss": "last", "halting_weight": 1.0},
+    "hrm": {"loss": "every"},  # on HRM's two-timescale core (pretrain/hrm.py)
 }
 
 pytestmark = pytest.mark.multiprocess
@@ -38,10 +39,11 @@ def config(run_dir, *extra):
     return load_config("tiny", BASE + OBJECTIVE + [f"train.run_dir={run_dir}", *extra])
 
 
-def tiny_gated_model_config():
+def tiny_gated_model_config(name: str = ""):
     from dataclasses import replace
 
-    return replace(config("unused").model, num_heads=2, mean_backprop_depth=2)
+    cfg = replace(config("unused").model, num_heads=2, mean_backprop_depth=2)
+    return replace(cfg, low_level_steps=2, exit_gate=False) if name == "hrm" else cfg
 
 
 def model_check(objective_name: str, model, grads_out: dict) -> float:
@@ -114,7 +116,7 @@ def test_each_objective_at_tensor_parallel_2_equals_one_device(runs, name):
 
     tp2 = torch.load(runs / "model_checks" / f"{name}.pt")
     single: dict = {}
-    loss = model_check(name, build_model(tiny_gated_model_config(), seed=11), single)
+    loss = model_check(name, build_model(tiny_gated_model_config(name), seed=11), single)
     assert abs(tp2["loss"] - loss) < 1e-6
     assert tp2["grads"].keys() == single.keys()
     for param, grad in single.items():
@@ -150,10 +152,10 @@ def _worker(spec_file: str) -> None:
 
     spec = json.loads(Path(spec_file).read_text())
     ctx = init_distributed(2)
-    model = build_parallel_model(tiny_gated_model_config(), seed=11)
     out = Path(spec["model_checks"])
     out.mkdir(exist_ok=True)
     for name in MODEL_CHECKS:
+        model = build_parallel_model(tiny_gated_model_config(name), seed=11)
         grads: dict = {}
         loss = model_check(name, model, grads)
         full, _ = gather_full_state_dict(grads.items(), shard_specs(model), keep=ctx.is_main)
