@@ -53,7 +53,11 @@ class RecurrentKVCache:
                   pad_lengths: Optional[torch.Tensor] = None) -> "RecurrentKVCache":
         cfg = model.config
         first = cfg.prelude_layers
-        return cls(range(first, first + cfg.core_layers), strategy, slots, pad_lengths)
+        recurrent = list(range(first, first + cfg.core_layers))
+        if getattr(cfg, "low_level_steps", 0):  # HRM's low-level layers recur too (pretrain/hrm.py)
+            low = cfg.prelude_layers + cfg.core_layers + cfg.coda_layers
+            recurrent += range(low, low + cfg.low_level_layers)
+        return cls(recurrent, strategy, slots, pad_lengths)
 
     @property
     def seq_len(self) -> int:

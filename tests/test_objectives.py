@@ -328,3 +328,13 @@ def test_hrm_core_flops_config_and_export(tiny_config, micro_model_config, tmp_p
         load_config("tiny", ["model.low_level_steps=2", "model.low_level_layers=0"])
     with pytest.raises(ConversionError, match="two-timescale"):
         save_huginn(build_model(hrm_config(micro_model_config), seed=0), tmp_path)
+
+
+def test_hrm_core_generates_the_same_with_the_full_kv_cache(micro_model_config):
+    from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams
+
+    model = build_model(hrm_config(micro_model_config, steps=2), seed=6)
+    prompts = [[3, 9, 14, 2], [7, 1]]
+    out = [DepthRunner(model, DepthSettings(num_steps=3, init_scale=0.0, cache=cache)).generate(
+        prompts, SamplingParams(max_new_tokens=5)) for cache in ("full", "none")]
+    assert out[0] == out[1]
