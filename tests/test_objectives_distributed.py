@@ -77,7 +77,7 @@ def runs(tmp_path_factory):
         "scenarios": {str(root / "tp2"): ["parallel.tensor_parallel=2", "train.max_steps=4", *ACCUMULATE],
                       str(root / "dp2_zero3"): ["parallel.zero_stage=3", "train.max_steps=4"]},
         "model_checks": str(root / "model_checks")}))
-    launch([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(Path(__file__)), str(spec)])
+    launch([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(Path(__file__)), str(spec)], timeout=900)
     return root
 
 
