@@ -88,7 +88,7 @@ class Objective:
         count = scored.sum()
         gated = supervised if self.halting_weight > 0 else supervised[:-1]
         gate = torch.stack([model.exit_logits(s) for s in gated]) if gated else None
-        if self.loss == "last":
+        if self.loss == "last" or len(supervised) == 1:  # one iteration: p = 1, no entropy
             loss = ce[-1].sum() / count
         elif self.loss == "every":
             loss = ce.mean(0).sum() / count

@@ -162,6 +162,14 @@ def test_expected_exit_loss_is_the_expectation_under_the_gate_minus_entropy(micr
     assert grads["transformer.exit_gate.weight"].abs().sum() > 0
 
 
+def test_expected_exit_over_one_grad_iteration_is_the_plain_loss(micro_model_config):
+    model = build_model(gated(micro_model_config), seed=3)
+    tokens, labels = batch(micro_model_config, seed=2)
+    (a, _), (b, _) = (loss_and_grads(model, lambda: ours(model, tokens, labels, 2, 1, objective))
+                      for objective in (Objective("expected_exit", exit_entropy_weight=0.5), None))
+    torch.testing.assert_close(a, b)
+
+
 def test_halting_head_is_trained_on_correctness_of_each_iteration(micro_model_config):
     cfg = gated(micro_model_config)
     model = build_model(cfg, seed=4)
