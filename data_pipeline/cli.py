@@ -17,6 +17,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
         vocab_size = vocab_size or model.vocab_size
         if vocab_size != model.vocab_size:
             raise DataError(f"--vocab-size {vocab_size} does not match model.vocab_size {model.vocab_size} of {args.config}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(model, name) is None:
+                raise DataError(f"--config {args.config}: model.{name} is unset; set it in the config")
         ids = SpecialIds(bos=model.bos_token_id, eos=model.eos_token_id, pad=model.pad_token_id)
     else:
         if not vocab_size:

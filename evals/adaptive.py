@@ -108,5 +108,5 @@ def learned_exit_forward(model, input_ids: torch.Tensor, max_depth: int, q: floa
         done = done | exit_cdf_reached(log_survival, q)
         if bool(done.all()):
             break
-    logits = model.kit.head_logits(model.decode(state, cos_sin), model.transformer.wte.weight)
+    logits = model.kit.head_logits(model.decode(state, cos_sin), model.head_weight)
     return logits, steps

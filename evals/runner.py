@@ -63,6 +63,8 @@ class DepthRunner:
         cfg = model.config
         self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.pad_token_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
+        if self.pad_token_id is None:  # unset in the config: pads are masked or never read, any id will do
+            self.pad_token_id = 0
         self.max_len = cfg.max_seq_len
         self.generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.steps_used: list[int] = []  # core steps spent on each token that was adaptive
@@ -109,14 +111,14 @@ class DepthRunner:
                 break
             logits = exit_logit = None
             if criterion.needs_logits:
-                logits = model.kit.head_logits(model.decode(state, cos_sin, probe), model.transformer.wte.weight)[0, -1]
+                logits = model.kit.head_logits(model.decode(state, cos_sin, probe), model.head_weight)[0, -1]
             if criterion.needs_gate:
                 exit_logit = model.exit_logits(state)[0, -1]
             if criterion.update(state[0, -1], logits, exit_logit):
                 break
         self.steps_used.append(step + 1)
         x = model.decode(state, cos_sin, cache)
-        return model.kit.head_logits(x, model.transformer.wte.weight)[0, -1]
+        return model.kit.head_logits(x, model.head_weight)[0, -1]
 
     def _adaptive_logits(self, ids: list[int], adaptive_from: int) -> torch.Tensor:
         """Logits (len(ids), vocab) of one sequence; positions before `adaptive_from` run

@@ -61,6 +61,13 @@ def load_eval_tokenizer(checkpoint: str | Path, model_cfg, path: Optional[str | 
     if path is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer.json or tokenizer.model next to the checkpoint; "
                                 "pass tokenizer=PATH")
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(model_cfg, name) is None:
+            from rdp.pretrain.config import ConfigError
+
+            raise ConfigError(f"config field 'model.{name}': unset in {checkpoint} (an imported Huginn config.json "
+                              f"named none inside the vocabulary); evaluation needs BOS and EOS: set both in the "
+                              f"checkpoint's config.yaml")
     tok = EvalTokenizer(path, model_cfg.bos_token_id, model_cfg.eos_token_id)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than model vocab_size={model_cfg.vocab_size}")

@@ -36,11 +36,14 @@ class ModelConfig:
     rope_base: float = 50000.0
     norm_eps: float = 1e-6
     qk_bias: bool = True
+    # false: a separate output head (lm_head.weight) instead of the embedding's transpose
     tie_embeddings: bool = True
-    bos_token_id: int = 65504
-    eos_token_id: int = 65505
-    end_turn_token_id: int = 65508
-    pad_token_id: int = 65509
+    # special tokens; null = unset (e.g. imported from a Huginn config.json that names none
+    # inside its vocabulary); evaluation needs BOS and EOS
+    bos_token_id: Optional[int] = 65504
+    eos_token_id: Optional[int] = 65505
+    end_turn_token_id: Optional[int] = 65508
+    pad_token_id: Optional[int] = 65509
     # "takase" init multiplies this into every std; 1.0 is the spec.
     init_std_scale: float = 1.0
     # recompute each grad iteration of the core block in backward instead of storing it
@@ -255,7 +258,7 @@ def validate(config: RunConfig) -> None:
              f"must be auto, triton or torch, got {m.kernels!r}")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "end_turn_token_id"):
         value = getattr(m, name)
-        _require(0 <= value < m.vocab_size, f"model.{name}",
+        _require(value is None or 0 <= value < m.vocab_size, f"model.{name}",
                  f"{value} is outside the vocabulary [0, {m.vocab_size})")
     _require(d.source in ("synthetic", "webdataset") or d.source.startswith("reasoning:"), "data.source",
              f"must be synthetic, webdataset or reasoning:<task>, got {d.source!r}")

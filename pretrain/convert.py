@@ -2,7 +2,8 @@
 safetensors weights, single-file or sharded with model.safetensors.index.json.
 
 Our module names are the Huginn names, so the mapping is the identity except for the
-tied head (stored again as lm_head.weight) and the stored RoPE table (ignored on import).
+tied head (stored again as lm_head.weight; an untied model has its own) and the stored RoPE
+table (ignored on import).
 A learned exit gate (model.exit_gate) has no counterpart in huginn-0125: it is written as
 `transformer.exit_gate.{weight,bias}` with `"rdp_exit_gate": true` in config.json, read back
 by this importer; Huginn's own modelling code ignores both (it exits by its own criteria).
@@ -40,6 +41,19 @@ HF_FIELDS = {  # Huginn config.json field -> ModelConfig field
     "pad_token_id": "pad_token_id",
     "end_turn_token_id": "end_turn_token_id",
 }
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "end_turn_token_id")
+# fields of the reference config that select another architecture than the one implemented
+# here; a file that sets one of them otherwise is refused, not imported as a different function
+ARCHITECTURE = {
+    "bias": False,
+    "injection_type": "linear",
+    "block_class_name": "SandwichBlock",
+    "norm_class_name": "RMSNorm_llama",
+    "mlp_class_name": "GatedMLP",
+    "nonlin_name": "SiLU",
+    "state_init": "like-init",
+    "test_time_noise": 0,
+}
 IGNORED_WEIGHTS = ("freqs_cis",)
 
 
@@ -57,25 +71,37 @@ def huginn_config(cfg: ModelConfig) -> dict:
         "head_dim": cfg.head_dim,
         "effective_expected_depth": cfg.effective_depth,
         "init_values": {"std": (2 / (5 * cfg.hidden_size)) ** 0.5, "embed_scale": cfg.hidden_size ** 0.5},
-        "nonlin": "SiLU",
-        "norm_class_name": "RMSNorm_llama",
-        "block_class_name": "SandwichBlock",
-        "injection_type": "linear",
-        "state_init": "like-init",
+        "padded_vocab_size": cfg.vocab_size,
+        **ARCHITECTURE,
         "torch_dtype": "float32",
     })
     if cfg.exit_gate:
         out["rdp_exit_gate"] = True
-    return out
+    return {k: v for k, v in out.items() if v is not None}  # an unset special id is left out
 
 
 def model_config_from_huginn(data: dict, source: Path) -> ModelConfig:
+    """Our ModelConfig for a Huginn config.json (as the reference `save_pretrained` writes it).
+
+    A special-token id the file does not give (the reference writes none for a custom model)
+    takes the huginn-0125 value only where that fits the vocabulary, else stays unset."""
     cfg = ModelConfig()
     for hf, ours in HF_FIELDS.items():
-        if hf in data:
-            setattr(cfg, ours, type(getattr(cfg, ours))(data[hf]))
+        if data.get(hf) is not None:
+            kind = float if ours in ("rope_base", "norm_eps") else bool if ours in ("qk_bias", "tie_embeddings") else int
+            setattr(cfg, ours, kind(data[hf]))
         elif hf in ("n_embd", "n_heads", "vocab_size", "intermediate_size"):
             raise ConversionError(f"{source}: config.json lacks the field {hf!r}")
+        elif ours in SPECIAL_IDS:
+            default = getattr(cfg, ours)
+            setattr(cfg, ours, default if default is not None and default < cfg.vocab_size else None)
+    for hf, implemented in ARCHITECTURE.items():
+        if hf in data and data[hf] != implemented:
+            raise ConversionError(f"{source}: field {hf!r} is {data[hf]!r}; this model implements only "
+                                  f"{implemented!r} (the huginn-0125 architecture)")
+    if data.get("padded_vocab_size", cfg.vocab_size) != cfg.vocab_size:
+        raise ConversionError(f"{source}: field 'padded_vocab_size' {data['padded_vocab_size']} differs from "
+                              f"vocab_size {cfg.vocab_size}")
     cfg.exit_gate = bool(data.get("rdp_exit_gate", False))
     if data.get("num_key_value_heads", cfg.num_heads) != cfg.num_heads:
         raise ConversionError(f"{source}: field 'num_key_value_heads' must equal n_heads (no GQA in this family)")
@@ -118,17 +144,20 @@ def load_huginn(path: str | Path, device: str | torch.device = "cpu",
         raise ConversionError(f"{directory}: no config.json (not a Huginn-layout checkpoint)")
     cfg = model_config_from_huginn(json.loads(config_path.read_text()), config_path)
     state = read_safetensors(directory, dtype)
-    head = state.pop("lm_head.weight", None)
+    # tied: the head may be stored again (as released) and must then equal the embedding
+    head = state.pop("lm_head.weight", None) if cfg.tie_embeddings else None
     for key in IGNORED_WEIGHTS:
         state.pop(key, None)
     expected = set(build_model(cfg, device="meta").state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
+        untied = " (config.json says tie_embeddings=false: a separate lm_head.weight is needed)" \
+            if "lm_head.weight" in missing else ""
         raise ConversionError(f"{directory}: weights do not match the config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if head is not None and cfg.tie_embeddings and not torch.equal(head, state["transformer.wte.weight"]):
+                              f"unexpected {unexpected[:5]}{untied}")
+    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
         raise ConversionError(f"{directory}: lm_head.weight differs from transformer.wte.weight, "
-                              "but the config says tie_embeddings")
+                              "but config.json says tie_embeddings")
     for name, tensor in state.items():
         if name == "transformer.wte.weight" and tensor.shape[0] != cfg.vocab_size:
             raise ConversionError(f"{directory}: {name} has {tensor.shape[0]} rows, config vocab_size={cfg.vocab_size}")
@@ -142,7 +171,8 @@ def save_huginn(model: RecurrentDepthModel, path: str | Path) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # tied, stored twice as released
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # tied, stored twice as released
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(huginn_config(model.config), indent=2))
     return directory

@@ -137,7 +137,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, mpu):
     if cfg.parallel.zero_stage == 3:
         # used outside their own module's forward (tied head, fused injection): ZeRO-3 must
         # keep them gathered for the whole forward and backward
-        for param in (model.transformer.wte.weight, model.transformer.adapter.weight):
+        for param in {id(p): p for p in (model.head_weight, model.transformer.wte.weight,
+                                          model.transformer.adapter.weight)}.values():
             deepspeed.zero.register_external_parameter(engine.module, param)
     return engine, optimizer
 

@@ -56,8 +56,12 @@ class LocalLayers:
     def embedding(self, vocab_size: int, hidden_size: int, init_std: float) -> nn.Module:
         return Embedding(vocab_size, hidden_size, init_std)
 
+    def head(self, vocab_size: int, hidden_size: int, init_std: float) -> nn.Module:
+        """An untied output head (model.tie_embeddings=false); its weight is (vocab, hidden)."""
+        return Linear(hidden_size, vocab_size, init_std)
+
     def head_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary fp32 logits from the tied embedding weight."""
+        """Full-vocabulary fp32 logits from the head weight (the tied embedding's by default)."""
         return F.linear(x, weight).float()
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -177,10 +177,17 @@ class RecurrentDepthModel(nn.Module):
             self.transformer.exit_gate = ExitGate(h, std, cfg.norm_eps, -math.log(max(cfg.mean_backprop_depth, 1)))
         if cfg.low_level_steps:  # HRM's low-level module (pretrain/hrm.py)
             self.transformer.low_block = blocks(low_layers)
+        # untied: a separate output head (Huginn's lm_head.weight), sharded like the embedding
+        self.lm_head = None if cfg.tie_embeddings else kit.head(cfg.vocab_size, h, std)
         self.emb_scale = math.sqrt(h)
         self.state_std = takase_std(h)
         self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base),
                              persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, h) weight of the output head: the embedding's when tied (the spec), else lm_head's."""
+        return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
 
     # ---- the pieces of the forward pass -------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -276,9 +283,9 @@ class RecurrentDepthModel(nn.Module):
         logits = loss = None
         if labels is not None and not return_logits:
             # training: the kit may fuse the head into the loss (no full fp32 logits in memory)
-            loss = self.kit.loss(x, self.transformer.wte.weight, labels, self.ops)
+            loss = self.kit.loss(x, self.head_weight, labels, self.ops)
         elif return_logits or labels is not None:
-            logits = self.kit.head_logits(x, self.transformer.wte.weight)
+            logits = self.kit.head_logits(x, self.head_weight)
             if labels is not None:
                 loss = self.kit.cross_entropy(logits, labels)
         return ModelOutput(logits=logits if return_logits else None, loss=loss,
@@ -328,6 +335,8 @@ def parameter_counts(model: RecurrentDepthModel) -> dict[str, int]:
         parts["exit_gate"] = count_parameters(t.exit_gate)
     if "low_block" in t:
         parts["low_level"] = count_parameters(t.low_block)
+    if model.lm_head is not None:
+        parts["head"] = count_parameters(model.lm_head)
     parts["total"] = count_parameters(model)
     return parts
 

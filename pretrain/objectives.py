@@ -78,7 +78,7 @@ class Objective:
     def segment_loss(self, model, states: list[torch.Tensor], cos_sin: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
         supervised = states[-1:] if self.loss == "last" else states
-        weight = model.transformer.wte.weight
+        weight = model.head_weight
         if not self.per_token:
             losses = [model.kit.loss(model.decode(s, cos_sin), weight, labels, model.ops) for s in supervised]
             return torch.stack(losses).mean()

@@ -7,7 +7,8 @@ Layout (DESIGN invariant 3: the blocks read the same at any TP degree):
   [q_r | k_r | v_r] for its heads, so sharding permutes rows (interleave=3);
 - MLP fc: column-parallel, rank r holds [gate_r | up_r] (interleave=2);
 - attention proj and MLP proj: row-parallel (input split, output all-reduced);
-- embedding and tied head: vocab-parallel, loss: vocab-parallel cross-entropy;
+- embedding and head (tied, or untied with the same split): vocab-parallel, loss: vocab-parallel
+  cross-entropy;
 - qk_bias: split by heads; norms and the adapter: replicated.
 
 Only the number of heads must divide by the TP degree. The intermediate size and the
@@ -166,6 +167,10 @@ class MegatronLayers:
         layer = VocabParallelEmbedding(spec.padded_size, hidden_size, init_method=_init_method(init_std), config=self.config)
         layer.shard_spec = spec
         return layer
+
+    def head(self, vocab_size: int, hidden_size: int, init_std: float) -> nn.Module:
+        """An untied output head: a vocab-parallel weight split exactly like the embedding's."""
+        return self.embedding(vocab_size, hidden_size, init_std)
 
     def head_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary slice of the fp32 logits (padding masked to -inf)."""

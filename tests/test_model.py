@@ -66,7 +66,8 @@ def spec_forward(w, cfg, tokens, depth):
     for i in range(cfg.coda_layers):
         x = spec_block(x, w, f"transformer.coda.{i}", cfg)
     x = spec_rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_eps)
-    return (x @ w["transformer.wte.weight"].T).float()
+    head = w["transformer.wte.weight"] if cfg.tie_embeddings else w["lm_head.weight"]  # tied in the spec
+    return (x @ head.T).float()
 
 
 @pytest.fixture
@@ -196,3 +197,20 @@ def test_return_state_and_num_steps(micro_model_config):
     assert out.num_steps == (3, 0) and out.state.shape == (1, 5, micro_model_config.hidden_size)
     with pytest.raises(ValueError, match="num_steps"):
         model(tokens, num_steps=(0, 0))
+
+
+def test_untied_head_is_a_separate_lm_head(micro_model_config):
+    from dataclasses import replace
+
+    cfg = replace(micro_model_config, tie_embeddings=False)
+    model = build_model(cfg, seed=4).eval()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert weights["lm_head.weight"].shape == weights["transformer.wte.weight"].shape
+    assert not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        ours = model(tokens, num_steps=3, init_scale=0.0).logits
+    torch.testing.assert_close(ours, spec_forward(weights, cfg, tokens, 3), rtol=1e-5, atol=1e-5)
+    loss = model(tokens, labels=tokens, num_steps=(1, 2), return_logits=False).loss
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
