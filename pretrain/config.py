@@ -114,6 +114,12 @@ class TrainConfig:
     eval_batches: int = 2
     # peak dense FLOP/s of one device; 0 = look the device up
     peak_flops: float = 0.0
+    # Weights & Biases, beside metrics.jsonl and TensorBoard: on when a project is named;
+    # offline writes RUN_DIR/wandb/ without network (upload later with `wandb sync`)
+    wandb_project: str = ""
+    wandb_mode: str = "online"  # online | offline
+    wandb_entity: str = ""
+    wandb_run_name: str = ""  # default: the run dir's name
 
 
 @dataclass
@@ -278,6 +284,7 @@ def validate(config: RunConfig) -> None:
     _require(t.schedule in ("constant", "cosine"), "train.schedule",
              f"must be constant or cosine, got {t.schedule!r}")
     _require(t.precision in ("bf16", "fp32"), "train.precision", f"must be bf16 or fp32, got {t.precision!r}")
+    _require(t.wandb_mode in ("online", "offline"), "train.wandb_mode", f"must be online or offline, got {t.wandb_mode!r}")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _require(t.checkpoint_every > 0, "train.checkpoint_every", f"must be positive, got {t.checkpoint_every}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from rdp.data_pipeline import check_data_files
 from rdp.kernels import resolve_backend
 from rdp.pretrain.config import RunConfig
+from rdp.pretrain.wandb_sink import check_wandb
 
 
 def preflight(config: RunConfig) -> None:
     check_data_files(config.data)
     resolve_backend(config.model.kernels)
+    check_wandb(config)

@@ -34,6 +34,7 @@ from rdp.pretrain.preflight import preflight
 from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from rdp.pretrain.objectives import Objective
 from rdp.pretrain.sampler import DepthSampler
+from rdp.pretrain.wandb_sink import WandbSink
 
 FINISHED_MARKER = "FINISHED"  # the SLURM chain (slurm/render.py) stops resubmitting once it exists
 METRICS_FILE = "metrics.jsonl"
@@ -263,6 +264,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         writer = SummaryWriter(str(self.run_dir / "tensorboard")) if main else None
         metrics = self._open_metrics() if main else None
+        wandb = WandbSink.open(self.config, self.run_dir) if main else None
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         saved_at = None
         try:
@@ -282,6 +284,8 @@ class Trainer:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "model_flops_per_s", "mfu", "hfu"):
                         if key in record:
                             writer.add_scalar(f"train/{key}", record[key], self.step)
+                    if wandb:
+                        wandb.log(record, self.step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", nk=f"({record['n']},{record['k']})",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -303,6 +307,8 @@ class Trainer:
             if main:
                 metrics.close()
                 writer.close()
+                if wandb:
+                    wandb.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         result.final_step = self.step
