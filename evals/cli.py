@@ -43,6 +43,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--humaneval-samples", type=int, default=1)
     ev.add_argument("--humaneval-k", type=_ints, default=[1])
     ev.add_argument("--humaneval-temperature", type=float, default=0.0)
+    ev.add_argument("--unsafe-no-sandbox", action="store_true",
+                    help="run HumanEval's generated code without the bubblewrap sandbox (recorded in the results)")
     ev.add_argument("--reasoning-examples", type=int, default=256)
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--no-progress", action="store_true")
@@ -70,7 +72,8 @@ def run_eval(args: argparse.Namespace) -> int:
         exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold, cache=args.cache,
         cache_slots=args.cache_slots, max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer,
         gsm8k_path=args.gsm8k_path, humaneval_samples=args.humaneval_samples, humaneval_k=args.humaneval_k,
-        humaneval_temperature=args.humaneval_temperature, reasoning_examples=args.reasoning_examples, seed=args.seed)
+        humaneval_temperature=args.humaneval_temperature, reasoning_examples=args.reasoning_examples, seed=args.seed,
+        unsafe_no_sandbox=args.unsafe_no_sandbox)
     sweep = Sweep(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     sweep.run()
     print((sweep.out / "results.md").read_text())

@@ -51,10 +51,11 @@ class SweepConfig:
     humaneval_temperature: float = 0.0
     reasoning_examples: int = 256
     seed: int = 1234
+    unsafe_no_sandbox: bool = False  # each HumanEval entry records how its samples ran
 
     def identity(self) -> dict:
         """Settings that change results: a resumed sweep must match them."""
-        skip = {"tasks", "depths", "out_dir", "device", "batch_size"}
+        skip = {"tasks", "depths", "out_dir", "device", "batch_size", "unsafe_no_sandbox"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -90,6 +91,13 @@ class Sweep:
                           exit_criterion=cfg.exit_criterion, exit_threshold=cfg.exit_threshold)
         except ValueError as exc:
             raise SweepError(str(exc)) from None
+        if "humaneval" in cfg.tasks and not cfg.unsafe_no_sandbox:  # refuse now, not after the other tasks
+            from rdp.evals.sandbox import SandboxUnavailable, bubblewrap
+
+            try:
+                bubblewrap()
+            except SandboxUnavailable as exc:
+                raise SweepError(str(exc)) from None
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +180,8 @@ class Sweep:
 
             kwargs = {"max_new_tokens": c.max_gen_toks} if c.max_gen_toks else {}
             scores = run_humaneval(lm, c.humaneval_samples, tuple(c.humaneval_k), c.humaneval_temperature,
-                                   limit=c.limit, samples_path=self.out / f"humaneval_r{depth}.jsonl", **kwargs)
+                                   limit=c.limit, samples_path=self.out / f"humaneval_r{depth}.jsonl",
+                                   unsafe_no_sandbox=c.unsafe_no_sandbox, **kwargs)
             k = min(c.humaneval_k)
             return {"score": scores[f"pass@{k}"], "stderr": scores[f"pass@{k}_stderr"], "metric": f"pass@{k}",
                     "all": scores, "mean_steps": lm.mean_steps()}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything rdp needs on a fresh Debian/Ubuntu machine (or a cluster login node):
 #   - system packages pip cannot provide, only when missing: Open MPI (mpirun + mpi4py),
-#     SLURM + munge (for the local test cluster in slurm/local_cluster.sh)
+#     SLURM + munge (for the local test cluster in slurm/local_cluster.sh), bubblewrap (the
+#     sandbox HumanEval's generated code runs in)
 #   - a virtual environment in .venv with torch, DeepSpeed, megatron-core, WebDataset,
 #     lm-eval, Triton, ... and rdp itself (editable), exposing the `rdp` command.
 # Environment: RDP_TORCH (default torch==2.13.0, the CPU build on this project's machines;
@@ -13,6 +14,7 @@ if [ "${RDP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   missing=()
   command -v mpirun >/dev/null || missing+=(openmpi-bin libopenmpi-dev)
   command -v slurmctld >/dev/null || missing+=(slurmctld slurmd slurm-client munge libpmix2)
+  command -v bwrap >/dev/null || missing+=(bubblewrap)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     echo "setup: installing system packages: ${missing[*]}"
