@@ -120,10 +120,10 @@ def evaluate(model, args) -> dict:
         for depth in args.depths:
             logits = model(inputs, num_steps=(depth, 0), init_scale=0.0).logits
             row[str(depth)] = float(((logits.argmax(-1) == labels) | ~scored).all(-1).float().mean())
-        if "exit_gate" in model.transformer:
-            logits, steps = learned_exit_forward(model, inputs, max(args.depths), args.q)
-            row["learned"] = float(((logits.argmax(-1) == labels) | ~scored).all(-1).float().mean())
-            row["learned_mean_steps"] = float(steps[scored].float().mean())
+        for q in args.q if "exit_gate" in model.transformer else []:
+            logits, steps = learned_exit_forward(model, inputs, max(args.depths), q)
+            row[f"learned q={q}"] = float(((logits.argmax(-1) == labels) | ~scored).all(-1).float().mean())
+            row[f"learned q={q} mean_steps"] = float(steps[scored].float().mean())
         result[str(difficulty)] = row
     return result
 
@@ -139,11 +139,12 @@ def main() -> None:
     parser.add_argument("--difficulties", default="4,6,8")
     parser.add_argument("--depths", default="1,2,4,8,16,32")
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--q", type=float, default=0.5, help="CDF level of the learned exit")
+    parser.add_argument("--q", default="0.5,0.9", help="CDF levels of the learned exit (comma-separated)")
     parser.add_argument("--out", default="bench_objectives.json")
     args = parser.parse_args()
     args.difficulties = [int(d) for d in args.difficulties.split(",")]
     args.depths = [int(d) for d in args.depths.split(",")]
+    args.q = [float(q) for q in args.q.split(",")]
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     ramp = int(0.4 * args.steps)
     report = {"settings": {k: v for k, v in vars(args).items()}, "results": {}}
@@ -159,12 +160,13 @@ def main() -> None:
             json.dump(report, handle, indent=1)
         print(f"\n{name} ({' '.join(overrides) or 'truncated backprop, the default'}): "
               f"{seconds:.0f} s, final train loss {final_loss:.3f}", flush=True)
+        gated = "exit_gate" in model.transformer
         header = "difficulty " + " ".join(f"{'r=' + str(d):>6}" for d in args.depths)
-        print(header + ("   learned (mean steps)" if "learned" in scores[str(args.difficulties[0])] else ""))
+        print(header + "".join(f"   learned q={q} (mean steps)" for q in args.q if gated))
         for difficulty, row in scores.items():
             line = f"{difficulty:>10} " + " ".join(f"{row[str(d)]:>6.3f}" for d in args.depths)
-            if "learned" in row:
-                line += f"   {row['learned']:.3f} ({row['learned_mean_steps']:.2f})"
+            for q in args.q if gated else []:
+                line += f"   {row[f'learned q={q}']:.3f} ({row[f'learned q={q} mean_steps']:.2f})".ljust(27)
             print(line, flush=True)
     best = {name: max(r["exact_match"][str(d)][str(depth)] for d in map(str, args.difficulties[1:2])
                       for depth in args.depths) if len(args.difficulties) > 1 else math.nan
