@@ -65,7 +65,34 @@ def stream_spec(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0,
                             f"tokenizers cannot be mixed")
         if manifests and manifest.pad_token_id != manifests[0].pad_token_id:
             raise DataError(f"{where}: pad_token_id {manifest.pad_token_id} differs from {paths[0]}'s")
+        if manifests and manifest.add_bos != manifests[0].add_bos:
+            raise DataError(f"{where}: add_bos {manifest.add_bos} differs from {paths[0]}'s: sources that frame "
+                            f"documents differently cannot be mixed")
         manifests.append(manifest)
     return StreamSpec(bases=paths, manifests=manifests, weights=[float(w) for w in weights], seq_len=data_cfg.seq_len,
                       micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=data_cfg.seed,
                       skip_corrupt=data_cfg.skip_corrupt, verify_checksums=data_cfg.verify_checksums)
+
+
+def document_bos(config, stream) -> bool:
+    """Whether the training documents start with BOS. The trainer stores the answer in
+    data.add_bos, so every checkpoint's config says how text was framed and evaluation frames
+    it the same way. Shards must use the model's BOS / EOS ids; the built-in synthetic and
+    reasoning streams have no documents, hence no BOS."""
+    from rdp.data_pipeline.manifest import DataError, MANIFEST_NAME, join_location
+
+    spec = getattr(stream, "spec", None)
+    found = bool(spec.manifests[0].add_bos) if spec is not None else False
+    if spec is not None:
+        model = config.model
+        for path, manifest in zip(spec.bases, spec.manifests):
+            for name in ("bos_token_id", "eos_token_id") if manifest.add_bos else ("eos_token_id",):
+                if getattr(manifest, name) != getattr(model, name):
+                    raise DataError(f"{join_location(path, MANIFEST_NAME)}: {name} {getattr(manifest, name)} differs "
+                                    f"from model.{name} {getattr(model, name)}; the documents would be framed with "
+                                    f"other tokens than evaluation uses")
+    wanted = config.data.add_bos
+    if wanted is not None and bool(wanted) != found:
+        where = f"the shards in {spec.bases[0]}" if spec is not None else f"data.source={config.data.source}"
+        raise DataError(f"data.add_bos: {wanted}, but {where} {'put' if found else 'put no'} BOS before each document")
+    return found

@@ -43,11 +43,12 @@ def _shard(args: argparse.Namespace) -> int:
     from rdp.data_pipeline.shards import ShardOptions, parse_size, write_shards
 
     options = ShardOptions(seq_len=args.seq_len, mode=args.mode, shard_bytes=parse_size(args.shard_size),
-                           num_workers=args.workers, text_field=args.text_field)
+                           num_workers=args.workers, text_field=args.text_field, add_bos=args.add_bos)
     manifest = write_shards(args.input, args.tokenizer, args.output, options)
     print(f"{args.output}: {len(manifest.shards)} shard(s), {manifest.num_samples:,} samples of "
           f"{manifest.seq_len}+1 {manifest.dtype} tokens; {manifest.total_tokens:,} corpus tokens, "
-          f"{manifest.padding_tokens:,} padding, {manifest.dropped_tokens:,} dropped")
+          f"{manifest.padding_tokens:,} padding, {manifest.dropped_tokens:,} dropped; documents framed as "
+          f"{'BOS + ' if manifest.add_bos else ''}text + EOS")
     return 0
 
 
@@ -85,6 +86,8 @@ def register(subparsers) -> None:
     shard.add_argument("--shard-size", default="64MB", help="target size of one shard")
     shard.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
     shard.add_argument("--text-field", default="text")
+    shard.add_argument("--no-bos", dest="add_bos", action="store_false",
+                       help="no BOS before each document (default: BOS + document + EOS)")
     shard.set_defaults(handler=_shard)
 
     insp = commands.add_parser("inspect", help="print a shard directory's manifest and a few decoded samples")

@@ -69,8 +69,9 @@ def verify_shard(base: str, manifest: Manifest, shard_index: int) -> str | None:
 def describe(base: str, manifest: Manifest) -> Iterator[str]:
     yield f"manifest      {join_location(base, 'manifest.json')}"
     yield f"shards        {len(manifest.shards)}  samples {manifest.num_samples:,}  seq_len {manifest.seq_len}  dtype {manifest.dtype}  mode {manifest.mode}"
-    yield (f"tokens        {manifest.total_tokens:,} corpus (incl. EOS)  padding {manifest.padding_tokens:,}  "
-           f"dropped {manifest.dropped_tokens:,}")
+    framing = ("BOS + " if manifest.add_bos else "") + "text" + (" + EOS" if manifest.add_eos else "")
+    yield (f"tokens        {manifest.total_tokens:,} corpus (incl. BOS/EOS)  padding {manifest.padding_tokens:,}  "
+           f"dropped {manifest.dropped_tokens:,}  documents {framing}")
     yield (f"tokenizer     {manifest.tokenizer or '?'}  fingerprint {manifest.tokenizer_fingerprint}  vocab {manifest.vocab_size}  "
            f"bos {manifest.bos_token_id} eos {manifest.eos_token_id} pad {manifest.pad_token_id}")
     for source in manifest.sources:

@@ -50,6 +50,10 @@ class Manifest:
     padding_tokens: int
     dropped_tokens: int
     tokenizer: str = ""  # the .model path given to the writer (inspect decodes with it)
+    # how documents were framed: BOS before each one, EOS after it. Manifests written before
+    # these fields existed hold EOS-only documents, hence the defaults.
+    add_bos: bool = False
+    add_eos: bool = True
     sources: list[dict[str, Any]] = field(default_factory=list)
     shards: list[ShardEntry] = field(default_factory=list)
     format_version: int = FORMAT_VERSION

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -32,6 +32,7 @@ class ShardOptions:
     num_workers: int = 2
     text_field: str = "text"
     docs_per_task: int = 64
+    add_bos: bool = True  # BOS before every document (docs/data.md says why)
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -78,16 +79,18 @@ def _ordered(pool, chunks: Iterator[list[str]], window: int) -> Iterator[list[np
 # ---- packing ----
 
 class WindowPacker:
-    """keep-all: the corpus is one token stream (each document followed by EOS) cut into
+    """Each document becomes [BOS] + tokens + [EOS] (BOS only when bos_id is given).
+    keep-all: the corpus is one token stream of such documents cut into
     windows tokens[k*L : k*L + L + 1]; consecutive windows share one token so that every
     next-token pair is trained exactly once and no token is lost; the last window is padded.
-    truncate: each document (+EOS) starts its own window; longer documents are cut at L+1
+    truncate: each document starts its own window; longer documents are cut at L+1
     tokens (the rest is counted in dropped_tokens), shorter ones padded."""
 
-    def __init__(self, seq_len: int, mode: str, eos_id: int, pad_id: int):
+    def __init__(self, seq_len: int, mode: str, eos_id: int, pad_id: int, bos_id: Optional[int] = None):
         if mode not in MODES:
             raise DataError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
         self.seq_len, self.mode, self.eos_id, self.pad_id = seq_len, mode, eos_id, pad_id
+        self.prefix = np.array([] if bos_id is None else [bos_id], dtype=np.int64)
         self.buffer = np.empty(0, dtype=np.int64)
         self.total_tokens = self.padding_tokens = self.dropped_tokens = self.documents = 0
 
@@ -97,7 +100,7 @@ class WindowPacker:
         return np.concatenate([tokens, np.full(missing, self.pad_id, dtype=np.int64)])
 
     def add(self, tokens: np.ndarray) -> Iterator[np.ndarray]:
-        document = np.concatenate([tokens, [self.eos_id]])
+        document = np.concatenate([self.prefix, tokens, [self.eos_id]])
         self.total_tokens += len(document)
         self.documents += 1
         width = self.seq_len + 1
@@ -208,14 +211,15 @@ def write_shards(inputs: list[str], tokenizer_path: str, output_dir: str, option
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.vocab_size()
     eos_id, pad_id, bos_id = tokenizer.eos_id(), tokenizer.pad_id(), tokenizer.bos_id()
-    if eos_id < 0 or pad_id < 0:
-        raise DataError(f"tokenizer {tokenizer_path}: needs EOS and PAD ids (eos={eos_id}, pad={pad_id})")
+    if eos_id < 0 or pad_id < 0 or (options.add_bos and bos_id < 0):
+        raise DataError(f"tokenizer {tokenizer_path}: needs EOS and PAD ids, and BOS unless --no-bos "
+                        f"(bos={bos_id}, eos={eos_id}, pad={pad_id})")
     os.makedirs(output_dir, exist_ok=True)
     existing = [n for n in os.listdir(output_dir) if n == MANIFEST_NAME or n.endswith((".tar", ".tar.tmp"))]
     if existing:
         raise DataError(f"--output {output_dir}: already holds {sorted(existing)[:3]}; refusing to overwrite")
     dtype = token_dtype(vocab_size)
-    packer = WindowPacker(options.seq_len, options.mode, eos_id, pad_id)
+    packer = WindowPacker(options.seq_len, options.mode, eos_id, pad_id, bos_id if options.add_bos else None)
     sink = _ShardSink(output_dir, options.seq_len, dtype)
     sink.samples_per_shard = max(1, (options.shard_bytes - 2 * TAR_BLOCK) // sink.stride)
 
@@ -249,6 +253,7 @@ def write_shards(inputs: list[str], tokenizer_path: str, output_dir: str, option
         seq_len=options.seq_len, dtype=dtype, vocab_size=vocab_size,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path), tokenizer=tokenizer_path,
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, mode=options.mode,
+        add_bos=options.add_bos, add_eos=True,
         total_tokens=packer.total_tokens, padding_tokens=packer.padding_tokens,
         dropped_tokens=packer.dropped_tokens,
         sources=[{"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)} for path in files],

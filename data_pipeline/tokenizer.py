@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -105,3 +106,28 @@ def load_tokenizer(model_path: str):
         return spm.SentencePieceProcessor(model_file=model_path)
     except (OSError, RuntimeError) as exc:
         raise DataError(f"tokenizer {model_path}: not a sentencepiece model ({exc})") from None
+
+
+RUN_TOKENIZER = "tokenizer.model"  # a run dir's copy of data.tokenizer, where evaluation looks
+
+
+def save_run_tokenizer(data_cfg, run_dir, write: bool = True) -> None:
+    """Copy data.tokenizer into the run dir, so the run carries the tokenizer it was trained
+    with. Every rank checks (so all fail alike); only `write` copies. A run dir that already
+    holds a different tokenizer is an error, never overwritten."""
+    if not data_cfg.tokenizer:
+        return
+    source = data_cfg.tokenizer
+    if not os.path.isfile(source):
+        raise DataError(f"data.tokenizer: {source}: no such file")
+    target = os.path.join(run_dir, RUN_TOKENIZER)
+    if os.path.exists(target):
+        if tokenizer_fingerprint(target) != tokenizer_fingerprint(source):
+            raise DataError(f"data.tokenizer: {source} differs from the {target} this run was started with; "
+                            f"refusing to replace it (use another train.run_dir)")
+        return
+    if write:
+        os.makedirs(run_dir, exist_ok=True)
+        temporary = f"{target}.tmp"
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)

@@ -6,6 +6,7 @@ evaluated at a chosen test-time depth, optionally with per-token adaptive exit.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from rdp.evals.chat import TEMPLATE_FILE, ChatTemplateError, render_chat
+from rdp.evals.checkpoint_info import describe_checkpoint
 from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams
 from rdp.evals.tokenizer import EvalTokenizer, load_eval_tokenizer
 
@@ -49,7 +52,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "float32
 class RecurrentDepthLM(TemplateLM):
     """model_args: checkpoint, num_steps, init_scale, dtype, device, batch_size,
     exit_criterion, exit_threshold, cache (full|latest|modulo|none), cache_slots,
-    tokenizer, seed, max_length. `model=` / `tokenizer=` may also be objects (Python use)."""
+    tokenizer, seed, max_length, add_bos (default: as the checkpoint was trained),
+    chat_template (file or text; default: beside the tokenizer). `model=` / `tokenizer=`
+    may also be objects (Python use)."""
 
     instances: list["RecurrentDepthLM"] = []  # lets the CLI report mean steps after a run
 
@@ -57,19 +62,25 @@ class RecurrentDepthLM(TemplateLM):
                  dtype: str = "float32", device: str = "cpu", batch_size: int | str = 1,
                  exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
                  cache: str = "full", cache_slots: int = 4, tokenizer=None, seed: int = 1234,
-                 max_length: Optional[int] = None, model=None, **unused):
+                 max_length: Optional[int] = None, model=None, add_bos=None, chat_template: Optional[str] = None,
+                 **unused):
         super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI defaults to cuda:0; like its HF model, fall back rather than fail
             warnings.warn(f"rdp: device={device} requested but CUDA is not available; using cpu")
             device = "cpu"
+        info = None
         if model is None:
             if checkpoint is None:
                 raise ValueError("rdp: model_args needs checkpoint=PATH")
-            model = load_checkpoint(checkpoint, device=str(device), dtype=str(dtype))
-        self.model = model
+            info = describe_checkpoint(checkpoint)  # one concrete directory, read once
+            model = load_checkpoint(info.path, device=str(device), dtype=str(dtype))
+        self.model, self.checkpoint = model, info
         if not isinstance(tokenizer, EvalTokenizer):
-            tokenizer = load_eval_tokenizer(checkpoint or ".", model.config, tokenizer)
+            framing = info.add_bos if info is not None else False
+            tokenizer = load_eval_tokenizer(info.path if info else (checkpoint or "."), model.config, tokenizer,
+                                            add_bos=framing if add_bos is None else _flag(add_bos),
+                                            chat_template=chat_template)
         self.tok = tokenizer
         self.settings = DepthSettings(num_steps=int(num_steps), init_scale=float(init_scale), cache=str(cache),
                                       cache_slots=int(cache_slots), exit_criterion=exit_criterion,
@@ -78,6 +89,7 @@ class RecurrentDepthLM(TemplateLM):
         self.runner = DepthRunner(model, self.settings, eos_token_id=self.tok.eos_id)
         self._batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or model.config.max_seq_len)
+        self._chat = False  # set once lm-eval renders prompts through the chat template
         RecurrentDepthLM.instances.append(self)
 
     # ---- what lm-eval asks of a model ------------------------------------------------------
@@ -87,7 +99,8 @@ class RecurrentDepthLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tok.bos_id
+        """What precedes a document in training: its BOS, or else the previous document's EOS."""
+        return self.tok.bos_id if self.tok.add_bos else self.tok.eos_id
 
     @property
     def max_length(self) -> int:
@@ -98,14 +111,48 @@ class RecurrentDepthLM(TemplateLM):
         return self._batch_size
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
-        ids = self.tok.encode(string)
-        return [self.tok.bos_id] + ids if add_special_tokens is not False else ids
+        """BOS first when training put one before every document (None: as trained); never
+        twice, e.g. after a chat template that writes it itself."""
+        ids = self.tok.encode(string, parse_special=self._chat)
+        bos = self.tok.add_bos if add_special_tokens is None else add_special_tokens
+        return [self.tok.bos_id] + ids if bos and ids[:1] != [self.tok.bos_id] else ids
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
 
     def mean_steps(self) -> float:
         return self.runner.mean_steps()
+
+    # ---- chat templates (--apply_chat_template, --fewshot_as_multiturn, --system_instruction) ----
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer and template in lm-eval's request cache keys."""
+        template = hashlib.sha256((self.tok.chat_template or "").encode()).hexdigest()[:12]
+        return f"rdp-{self.tok.path.stem}-{self.tok.fingerprint[:12]}-{template}"
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        if chat_template is False or chat_template is None:
+            return None
+        if not self.tok.chat_template:
+            raise ChatTemplateError(
+                f"rdp: --apply_chat_template, but no chat template: pass model_args chat_template=FILE, or put "
+                f"{TEMPLATE_FILE} (or tokenizer_config.json with chat_template) beside {self.tok.path}")
+        return self.tok.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self.chat_template(True)
+        self._chat = True
+        specials = {"bos_token": self.tok.token_text(self.tok.bos_id),
+                    "eos_token": self.tok.token_text(self.tok.eos_id)}
+        try:
+            return render_chat(self.tok.chat_template, chat_history, add_generation_prompt, **specials)
+        except ChatTemplateError:
+            if not any(m["role"] == "system" for m in chat_history):
+                raise
+            # as lm-eval does for Hugging Face models: a template without a system role
+            warnings.warn("rdp: the chat template failed with a system message; retrying without it")
+            history = [m for m in chat_history if m["role"] != "system"]
+            return render_chat(self.tok.chat_template, history, add_generation_prompt, **specials)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
@@ -178,6 +225,14 @@ class RecurrentDepthLM(TemplateLM):
 
         outputs = self.runner.generate(prompts, params, should_stop if until else None)
         return [cut_at_stop(self.tok.decode(tokens), until) for tokens in outputs]
+
+
+def _flag(value) -> bool:
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"rdp: add_bos must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    return bool(value)
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

@@ -1,7 +1,16 @@
 """Text <-> tokens for evaluation: this project's sentencepiece model, or a Hugging Face
-tokenizer.json next to an imported Huginn checkpoint (read offline by `tokenizers`)."""
+tokenizer.json next to an imported Huginn checkpoint (read offline by `tokenizers`).
+
+Text is framed the way the model was trained: with `add_bos`, a BOS token starts every
+prompt (as it started every training document); without it, prompts start bare and an empty
+context is the EOS that ended the previous document. The checkpoint says which (see
+evals/checkpoint_info.py).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -9,13 +18,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 class EvalTokenizer:
-    """encode / decode without special tokens; BOS / EOS come from the model config."""
+    """encode / decode without special tokens; BOS / EOS ids come from the model config."""
 
-    def __init__(self, path: str | Path, bos_id: int, eos_id: int):
+    def __init__(self, path: str | Path, bos_id: int, eos_id: int, add_bos: bool = False,
+                 chat_template: Optional[str] = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer {self.path}: no such file")
-        self.bos_id, self.eos_id = bos_id, eos_id
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, bool(add_bos)
+        self.chat_template = chat_template
         if self.path.suffix == ".json":
             from tokenizers import Tokenizer
 
@@ -26,15 +37,43 @@ class EvalTokenizer:
 
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
             self._hf = None
+        self._specials = self._special_pieces()
 
     @property
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size() if self._hf is not None else self._sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def token_text(self, token_id: int) -> str:
+        """How a special token is written inside a chat template (e.g. <|begin_text|>, <s>)."""
+        if self._hf is not None:
+            return self._hf.id_to_token(token_id) or ""
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else ""
+
+    def _special_pieces(self) -> dict[str, int]:
+        if self._sp is None:
+            return {}  # `tokenizers` matches its own special tokens in text
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`, no BOS/EOS added. `parse_special`: a special token written out
+        in the text (a chat template's `<s>`) becomes its id, as Hugging Face tokenizers
+        do; sentencepiece alone would spell it out as characters."""
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
-        return self._sp.encode(text)
+        if not parse_special or not self._specials:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        pattern = "(" + "|".join(re.escape(p) for p in sorted(self._specials, key=len, reverse=True)) + ")"
+        for part in re.split(pattern, text):
+            if part in self._specials:
+                ids.append(self._specials[part])
+            elif part:
+                ids += self._sp.encode(part)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         # specials and ids past the tokenizer's vocabulary (the model's vocab is padded) have no text
@@ -45,18 +84,32 @@ class EvalTokenizer:
         return self._sp.decode(ids)
 
 
+def _is_rdp_sidecar(path: Path) -> bool:
+    """`rdp data tokenizer --output tokenizer.model` also writes tokenizer.json: its ids and
+    fingerprint, not a Hugging Face tokenizer."""
+    if not (path.name == "tokenizer.json" and (path.parent / "tokenizer.model").is_file()):
+        return False
+    try:
+        return "fingerprint" in json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def find_tokenizer(checkpoint: str | Path) -> Optional[Path]:
     """tokenizer.json / tokenizer.model in the checkpoint dir or up to two parents
-    (a step dir sits in RUN_DIR/checkpoints/)."""
+    (a step dir sits in RUN_DIR/checkpoints/, and training copies the tokenizer to RUN_DIR)."""
     directory = Path(checkpoint)
     for candidate_dir in (directory, directory.parent, directory.parent.parent):
         for name in TOKENIZER_FILES:
-            if (candidate_dir / name).is_file():
+            if (candidate_dir / name).is_file() and not _is_rdp_sidecar(candidate_dir / name):
                 return candidate_dir / name
     return None
 
 
-def load_eval_tokenizer(checkpoint: str | Path, model_cfg, path: Optional[str | Path] = None) -> EvalTokenizer:
+def load_eval_tokenizer(checkpoint: str | Path, model_cfg, path: Optional[str | Path] = None,
+                        add_bos: bool = False, chat_template: Optional[str] = None) -> EvalTokenizer:
+    from rdp.evals.chat import find_chat_template
+
     path = Path(path) if path else find_tokenizer(checkpoint)
     if path is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer.json or tokenizer.model next to the checkpoint; "
@@ -68,7 +121,8 @@ def load_eval_tokenizer(checkpoint: str | Path, model_cfg, path: Optional[str | 
             raise ConfigError(f"config field 'model.{name}': unset in {checkpoint} (an imported Huginn config.json "
                               f"named none inside the vocabulary); evaluation needs BOS and EOS: set both in the "
                               f"checkpoint's config.yaml")
-    tok = EvalTokenizer(path, model_cfg.bos_token_id, model_cfg.eos_token_id)
+    tok = EvalTokenizer(path, model_cfg.bos_token_id, model_cfg.eos_token_id, add_bos,
+                        find_chat_template(path.parent, chat_template))
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than model vocab_size={model_cfg.vocab_size}")
     return tok

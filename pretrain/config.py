@@ -84,6 +84,9 @@ class DataConfig:
     tokenizer: str = ""
     # check each shard's sha256 the first time a process opens it
     verify_checksums: bool = True
+    # BOS before every document; null: as the shards' manifests say. The trainer writes the
+    # value it found into the run's config, so checkpoints tell evaluation how text was framed.
+    add_bos: Optional[bool] = None
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rdp.data_pipeline import build_stream
+from rdp.data_pipeline import build_stream, document_bos
+from rdp.data_pipeline.tokenizer import save_run_tokenizer
 from rdp.launch.distributed import MegatronMPU, init_distributed
 from rdp.pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE, CheckpointError,
                                  newest_valid_checkpoint, prune, publish, read_trainer_state,
@@ -85,6 +86,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(t.peak_flops)  # None on CPU: achieved FLOP/s only
         self.stream = build_stream(config.data, config.model.vocab_size, t.micro_batch_size,
                                    rank=self.ctx.dp_rank, world_size=self.ctx.dp_size)
+        config.data.add_bos = document_bos(config, self.stream)  # checkpoints record how text was framed
         torch.manual_seed(t.seed + self.ctx.rank)
         self.step = 0
         self.samples_seen = 0  # global: all DP ranks together
@@ -253,6 +255,7 @@ class Trainer:
 
         t = self.config.train
         main = self.ctx.is_main
+        save_run_tokenizer(self.config.data, self.run_dir, write=main)  # `rdp eval RUN` finds it there
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.config))

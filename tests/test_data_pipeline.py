@@ -63,12 +63,12 @@ def test_huginn_layout_matches_the_spec():
 
 def test_round_trip_keep_all(corpus, tmp_path):
     """text -> shards (2 tokenizer processes) -> the windows, in shard order, rebuild exactly
-    the tokenized corpus, and decode back to the documents."""
+    the tokenized corpus (each document framed BOS + text + EOS), and decode back to the documents."""
     root, documents = corpus
     manifest = write_shards([str(root / "corpus" / "*")], str(root / "tok.model"), str(tmp_path / "s"),
                             ShardOptions(seq_len=SEQ_LEN, shard_bytes=20 * 1024, num_workers=2))
     tokenizer = load_tokenizer(str(root / "tok.model"))
-    expected = np.concatenate([np.r_[tokenizer.encode(d), EOS] for d in documents])
+    expected = np.concatenate([np.r_[BOS, tokenizer.encode(d), EOS] for d in documents])
     windows = read_all_windows(tmp_path / "s", manifest)
     assert windows.shape == (manifest.num_samples, SEQ_LEN + 1)
     assert np.array_equal(stream_in_shard_order(tmp_path / "s", manifest), windows)
@@ -78,16 +78,20 @@ def test_round_trip_keep_all(corpus, tmp_path):
     assert np.array_equal(stream[:len(expected)], expected)
     assert manifest.total_tokens == len(expected) and manifest.dropped_tokens == 0
     ends = np.flatnonzero(stream == EOS)
-    texts = [tokenizer.decode(stream[a + 1:b].tolist()) for a, b in zip(np.r_[-1, ends[:-1]], ends)]
+    starts = np.r_[-1, ends[:-1]] + 1
+    assert (stream[starts] == BOS).all() and manifest.add_bos and manifest.add_eos
+    texts = [tokenizer.decode(stream[a + 1:b].tolist()) for a, b in zip(starts, ends)]
     assert texts == documents
     assert len({s.samples for s in manifest.shards[:-1]}) == 1 and manifest.shards[-1].samples <= manifest.shards[0].samples
     assert manifest.dtype == "uint16" and manifest.tokenizer_fingerprint == json.loads((root / "tok.json").read_text())["fingerprint"]
 
 
 def test_truncate_mode_one_window_per_document(corpus, tmp_path):
+    """Without BOS (--no-bos): each window is the document + EOS, cut or padded."""
     root, documents = corpus
     manifest = write_shards([str(root / "corpus")], str(root / "tok.model"), str(tmp_path / "t"),
-                            ShardOptions(seq_len=SEQ_LEN, mode="truncate", num_workers=0))
+                            ShardOptions(seq_len=SEQ_LEN, mode="truncate", num_workers=0, add_bos=False))
+    assert not manifest.add_bos
     tokenizer = load_tokenizer(str(root / "tok.model"))
     windows = read_all_windows(tmp_path / "t", manifest)
     assert len(windows) == len(documents)
@@ -109,6 +113,12 @@ def test_packer_edges():
     out = list(packer.add(np.arange(5))) + list(packer.finish())
     assert [w.tolist() for w in out] == [[0, 1, 2, 3, 4], [4, 9, 8, 8, 8]]
     assert packer.padding_tokens == 3
+    # BOS (7) before every document: stream 7 0 1 9 7 5 9
+    packer = WindowPacker(seq_len=4, mode="keep-all", eos_id=9, pad_id=8, bos_id=7)
+    out = list(packer.add(np.arange(2))) + list(packer.add(np.array([5]))) + list(packer.finish())
+    assert [w.tolist() for w in out] == [[7, 0, 1, 9, 7], [7, 5, 9, 8, 8]] and packer.total_tokens == 7
+    packer = WindowPacker(seq_len=4, mode="truncate", eos_id=9, pad_id=8, bos_id=7)
+    assert [w.tolist() for w in packer.add(np.arange(2))] == [[7, 0, 1, 9, 8]]
 
 
 def test_shard_writing_is_byte_identical(corpus, tmp_path):

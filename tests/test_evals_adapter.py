@@ -59,7 +59,7 @@ def test_loglikelihood_is_sum_of_own_token_logprobs(lm):
 def test_rolling_loglikelihood_matches(lm):
     text = "Tom has 3 + 4 = 7 apples. Sam had 10 coins."
     (score,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
-    ids = [lm.tok.bos_id] + lm.tok_encode(text, add_special_tokens=False)
+    ids = [lm.prefix_token_id] + lm.tok_encode(text, add_special_tokens=False)  # EOS: trained without BOS
     assert score == pytest.approx(float(own_logprobs(lm, ids).sum()), abs=1e-4)
     # several windows: every token still scored exactly once, each with up to max_length context
     short = make(lm, num_steps=DEPTH, max_length=8)
