@@ -23,7 +23,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--tasks", type=_names, required=True,
                     help="comma-separated: lm-eval task names, humaneval, parity, s3, s5, squaring")
     ev.add_argument("--depths", type=_ints, default=[1, 4, 8, 16, 32, 64])
-    ev.add_argument("--out", default=None, help="output dir (default: CHECKPOINT/eval)")
+    ev.add_argument("--out", default=None,
+                    help="output dir (default: RUN_DIR/eval/step_XXXXXXXX for a run's checkpoint, else CHECKPOINT/eval)")
     ev.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     ev.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
     ev.add_argument("--num-fewshot", type=int, default=None)
@@ -47,6 +48,20 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="run HumanEval's generated code without the bubblewrap sandbox (recorded in the results)")
     ev.add_argument("--reasoning-examples", type=int, default=256)
     ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--include_path", "--include-path", dest="include_path", action="append", default=[],
+                    metavar="DIR", help="a directory of custom lm-eval task YAMLs (repeatable); a task can also be "
+                                        "given as the path of its YAML file")
+    ev.add_argument("--apply_chat_template", "--apply-chat-template", dest="apply_chat_template",
+                    action="store_true", help="render prompts with the chat template (as lm-eval's flag)")
+    ev.add_argument("--fewshot_as_multiturn", "--fewshot-as-multiturn", dest="fewshot_as_multiturn", nargs="?",
+                    const=True, default=None, type=lambda v: v.lower() in ("true", "1", "yes"), metavar="BOOL",
+                    help="few-shot examples as chat turns (default: on with --apply_chat_template, as in lm-eval)")
+    ev.add_argument("--system_instruction", "--system-instruction", dest="system_instruction", default=None)
+    ev.add_argument("--chat-template", default=None,
+                    help="template file or text (default: chat_template.jinja / tokenizer_config.json beside the "
+                         "tokenizer)")
+    ev.add_argument("--weights-sha256", default=None,
+                    help="refuse unless the checkpoint's weights have this sha256 (eval array jobs pass it)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=run_eval)
 
@@ -67,13 +82,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
     cfg = SweepConfig(
         checkpoint=args.checkpoint, tasks=args.tasks, depths=args.depths,
-        out_dir=args.out or str(Path(args.checkpoint) / "eval"), limit=args.limit, num_fewshot=args.num_fewshot,
+        out_dir=args.out, limit=args.limit, num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, init_scale=args.init_scale,
         exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold, cache=args.cache,
         cache_slots=args.cache_slots, max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer,
         gsm8k_path=args.gsm8k_path, humaneval_samples=args.humaneval_samples, humaneval_k=args.humaneval_k,
         humaneval_temperature=args.humaneval_temperature, reasoning_examples=args.reasoning_examples, seed=args.seed,
-        unsafe_no_sandbox=args.unsafe_no_sandbox)
+        unsafe_no_sandbox=args.unsafe_no_sandbox, include_path=args.include_path,
+        apply_chat_template=args.apply_chat_template, fewshot_as_multiturn=args.fewshot_as_multiturn,
+        system_instruction=args.system_instruction, chat_template=args.chat_template,
+        weights_sha256=args.weights_sha256)
     sweep = Sweep(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     sweep.run()
     print((sweep.out / "results.md").read_text())

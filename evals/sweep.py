@@ -1,9 +1,14 @@
 """`rdp eval`: every (task, depth) of a checkpoint, written to results.json after each pair
 (a rerun skips finished pairs), then results.md and results.png.
 
-Task names: any lm-eval task (e.g. arc_easy, hellaswag, gsm8k, gsm8k_cot); with
-`gsm8k_path` the gsm8k tasks read local jsonl instead; `humaneval`; the synthetic reasoning
-tasks `parity`, `s3`, `s5`, `squaring` (one row per split: easy and harder lengths).
+Task names: any lm-eval task (e.g. arc_easy, hellaswag, gsm8k, gsm8k_cot), a task of an
+`include_path` directory or a task YAML file; with `gsm8k_path` the gsm8k tasks read local
+jsonl instead; `humaneval`; the synthetic reasoning tasks `parity`, `s3`, `s5`, `squaring`
+(one row per split: easy and harder lengths).
+
+The checkpoint is resolved to one concrete directory when the sweep starts; results.json and
+every result in it record its step and weights' sha256, and a resumed sweep refuses results
+of other weights (e.g. written before the run trained further).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from rdp.evals.reasoning import TASKS as REASONING_TASKS
+from rdp.evals.task_names import is_task_file
 
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "results.png"
 PRIMARY_METRICS = ("exact_match,flexible-extract", "exact_match,strict-match", "acc_norm,none", "acc,none",
@@ -32,7 +38,7 @@ class SweepConfig:
     checkpoint: str
     tasks: list[str]
     depths: list[int]
-    out_dir: str
+    out_dir: Optional[str] = None  # default: RUN_DIR/eval/step_XXXXXXXX (a Huginn dir: DIR/eval)
     limit: Optional[int] = None
     num_fewshot: Optional[int] = None
     batch_size: int = 1
@@ -52,10 +58,16 @@ class SweepConfig:
     reasoning_examples: int = 256
     seed: int = 1234
     unsafe_no_sandbox: bool = False  # each HumanEval entry records how its samples ran
+    include_path: list[str] = field(default_factory=list)  # directories of custom lm-eval task YAMLs
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: Optional[bool] = None  # None: as apply_chat_template (lm-eval's default)
+    system_instruction: Optional[str] = None
+    chat_template: Optional[str] = None  # a file or the template text; default: beside the tokenizer
+    weights_sha256: Optional[str] = None  # refuse to run unless the checkpoint's weights have this hash
 
     def identity(self) -> dict:
         """Settings that change results: a resumed sweep must match them."""
-        skip = {"tasks", "depths", "out_dir", "device", "batch_size", "unsafe_no_sandbox"}
+        skip = {"tasks", "depths", "out_dir", "device", "batch_size", "unsafe_no_sandbox", "weights_sha256"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -78,6 +90,16 @@ def _primary(metrics: dict) -> tuple[str, float, Optional[float]]:
     return name, float(metrics[name]), stderr
 
 
+def default_out_dir(checkpoint) -> Path:
+    """RUN_DIR/eval/step_XXXXXXXX for a checkpoint of a run, so a later checkpoint's sweep
+    never lands on an earlier one's; CHECKPOINT_DIR/eval otherwise."""
+    from rdp.pretrain.checkpoint import CHECKPOINT_DIR
+
+    if checkpoint.layout == "rdp" and checkpoint.path.parent.name == CHECKPOINT_DIR:
+        return checkpoint.path.parent.parent / "eval" / checkpoint.path.name
+    return checkpoint.path / "eval"
+
+
 class Sweep:
     def __init__(self, cfg: SweepConfig, overwrite: bool = False, progress: bool = True):
         if not cfg.tasks or not cfg.depths:
@@ -98,40 +120,78 @@ class Sweep:
                 bubblewrap()
             except SandboxUnavailable as exc:
                 raise SweepError(str(exc)) from None
+        if cfg.fewshot_as_multiturn is None:
+            cfg.fewshot_as_multiturn = cfg.apply_chat_template
+        if cfg.fewshot_as_multiturn and not cfg.apply_chat_template:
+            raise SweepError("--fewshot_as_multiturn needs --apply_chat_template")
+        from rdp.evals.checkpoint_info import describe_checkpoint
+
         self.cfg, self.progress = cfg, progress
-        self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = describe_checkpoint(cfg.checkpoint)  # one concrete directory from here on
+        self.out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(self.checkpoint)
         self.path = self.out / RESULTS_FILE
-        self.document = {"checkpoint": str(cfg.checkpoint), "settings": cfg.identity(), "results": {}}
+        self._model = self._tokenizer = self._task_manager = None
+        self.plan = self._plan_tasks()  # unknown task names fail here, before any tokenizer or model loads
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint.expect(cfg.weights_sha256)
+        self.document = {"checkpoint": str(cfg.checkpoint), **self.checkpoint.record(), "settings": cfg.identity(),
+                         "results": {}}
         if self.path.exists() and not overwrite:
             try:
                 previous = json.loads(self.path.read_text())
             except json.JSONDecodeError as exc:
                 raise SweepError(f"{self.path}: unreadable ({exc.msg}); pass --overwrite to start again") from None
+            if previous.get("weights_sha256") != self.document["weights_sha256"]:
+                recorded = previous.get("weights_sha256") or "not recorded"
+                raise SweepError(
+                    f"{self.path} holds results of {previous.get('checkpoint_dir') or previous.get('checkpoint')} "
+                    f"(step {previous.get('step')}, weights sha256 {recorded[:12]}), but {cfg.checkpoint} is now "
+                    f"{self.checkpoint.describe()}; results of other weights are never reused: use another --out "
+                    f"(or --overwrite to replace them)")
             if previous.get("settings") != self.document["settings"]:
                 changed = sorted(k for k in self.document["settings"]
                                  if previous.get("settings", {}).get(k) != self.document["settings"][k])
                 raise SweepError(f"{self.path} was written with other settings ({', '.join(changed)}); "
                                  "use another --out or --overwrite")
             self.document["results"] = previous.get("results", {})
-        self._model = self._tokenizer = self._task_manager = None
-        self._local_names: dict[str, str] = {}
+
+    def _plan_tasks(self):
+        from rdp.evals.task_names import TaskPlan, plan_tasks
+
+        lm_eval_tasks = [t for t in self.cfg.tasks if t not in REASONING_TASKS and t != "humaneval"]
+        if not lm_eval_tasks:
+            return TaskPlan()
+        include, local = list(self.cfg.include_path), {}
+        if self.cfg.gsm8k_path:
+            from rdp.evals.gsm8k import write_local_tasks
+
+            include.insert(0, str(self.out / "lm_eval_tasks"))
+            local = write_local_tasks(self.cfg.gsm8k_path, include[0])
+
+        def builtin_names(include_paths: list[str]) -> set[str]:
+            from lm_eval.tasks import TaskManager
+
+            self._task_manager = TaskManager(include_path=include_paths or None)
+            return set(self._task_manager.all_tasks)
+
+        return plan_tasks(lm_eval_tasks, include, local, builtin_names)
 
     # ---- lazily built pieces ------------------------------------------------------------------
     def model(self):
         if self._model is None:
             from rdp.evals.lm_adapter import load_checkpoint
 
-            self._model = load_checkpoint(self.cfg.checkpoint, self.cfg.device, self.cfg.dtype)
+            self._model = load_checkpoint(self.checkpoint.path, self.cfg.device, self.cfg.dtype)
         return self._model
 
     def lm(self, depth: int):
         from rdp.evals.lm_adapter import RecurrentDepthLM
         from rdp.evals.tokenizer import load_eval_tokenizer
 
-        if self._tokenizer is None:
-            self._tokenizer = load_eval_tokenizer(self.cfg.checkpoint, self.model().config, self.cfg.tokenizer)
         c = self.cfg
+        if self._tokenizer is None:
+            self._tokenizer = load_eval_tokenizer(self.checkpoint.path, self.model().config, c.tokenizer,
+                                                  add_bos=self.checkpoint.add_bos, chat_template=c.chat_template)
         return RecurrentDepthLM(model=self.model(), tokenizer=self._tokenizer, num_steps=depth,
                                 init_scale=c.init_scale, batch_size=c.batch_size, exit_criterion=c.exit_criterion,
                                 exit_threshold=c.exit_threshold, cache=c.cache, cache_slots=c.cache_slots, seed=c.seed)
@@ -140,16 +200,9 @@ class Sweep:
         if self._task_manager is None:
             from lm_eval.tasks import TaskManager
 
-            include = None
-            if self.cfg.gsm8k_path:
-                from rdp.evals.gsm8k import write_local_tasks
-
-                include = str(self.out / "lm_eval_tasks")
-                self._local_names = write_local_tasks(self.cfg.gsm8k_path, include)
-            lm_eval_tasks = [t for t in self.cfg.tasks if t not in REASONING_TASKS and t != "humaneval"]
             # indexing lm-eval's thousands of built-in task files takes minutes on a small machine
-            only_local = bool(lm_eval_tasks) and all(t in self._local_names for t in lm_eval_tasks)
-            self._task_manager = TaskManager(include_path=include, include_defaults=not only_local)
+            self._task_manager = TaskManager(include_path=self.plan.include_paths or None,
+                                             include_defaults=self.plan.needs_builtin)
         return self._task_manager
 
     # ---- one (task, depth) ------------------------------------------------------------------
@@ -159,8 +212,8 @@ class Sweep:
         for task in self.cfg.tasks:
             if task in REASONING_TASKS:
                 rows += [(f"{task}/{split}", task) for split in REASONING_TASKS[task].splits()]
-            else:
-                rows.append((task, task))
+            else:  # a task YAML file's row is its task name
+                rows.append((self.plan.names[task] if is_task_file(task) else task, task))
         return rows
 
     def evaluate(self, row: str, task: str, depth: int) -> dict:
@@ -188,9 +241,12 @@ class Sweep:
         import lm_eval
 
         manager = self.task_manager()
-        name = self._local_names.get(task, task)
+        name = self.plan.names.get(task, task)
         output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=c.limit,
                                          num_fewshot=c.num_fewshot, log_samples=False,
+                                         apply_chat_template=c.apply_chat_template,
+                                         fewshot_as_multiturn=c.fewshot_as_multiturn,
+                                         system_instruction=c.system_instruction,
                                          gen_kwargs=f"max_gen_toks={c.max_gen_toks}" if c.max_gen_toks else None,
                                          random_seed=c.seed, numpy_random_seed=c.seed, torch_random_seed=c.seed)
         metrics = output["results"][name]
@@ -214,6 +270,7 @@ class Sweep:
             started = time.perf_counter()
             entry = self.evaluate(row, task, depth)
             entry["seconds"] = round(time.perf_counter() - started, 3)
+            entry.update(step=self.checkpoint.step, weights_sha256=self.checkpoint.weights_sha256())
             self.document["results"].setdefault(row, {})[str(depth)] = entry
             _atomic_write(self.path, json.dumps(self.document, indent=2))
             stderr = f" ± {entry['stderr']:.3f}" if entry.get("stderr") is not None else ""
