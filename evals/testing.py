@@ -1,7 +1,8 @@
 """Tiny artefacts for tests and smoke runs: a checkpoint of this project's layout with a
-Hugging Face tokenizer.json next to it, and a GSM8K-format jsonl."""
+Hugging Face tokenizer.json next to it, a run's published checkpoint, and a GSM8K-format jsonl."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,6 +41,26 @@ def write_tiny_checkpoint(directory: Path, preset: str = "tiny", seed: int = 0, 
     save_model_weights(model, directory, config)
     write_tiny_tokenizer(directory / "tokenizer.json", vocab_size=min(110, config.model.bos_token_id))
     return directory
+
+
+def publish_step(run_dir: Path, step: int, seed: int = 0, preset: str = "tiny") -> Path:
+    """RUN_DIR/checkpoints/step_N as `rdp train` publishes it (manifest, `latest` pointer),
+    holding a randomly initialised model; returns the step dir."""
+    from rdp.pretrain.checkpoint import publish, save_model_weights, staging_dir, write_json
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.model import build_model
+
+    config = load_config(preset)
+    root = Path(run_dir) / "checkpoints"
+    staging = staging_dir(root, step)
+    save_model_weights(build_model(config.model, seed=seed), staging, config)
+    write_json(staging / "trainer_state.json", {"step": step})
+    return publish(staging, root, step)
+
+
+def weights_sha256(step_dir: Path) -> str:
+    """What results record for a step dir, computed here from the file itself."""
+    return hashlib.sha256(b"model.safetensors\0" + (Path(step_dir) / "model.safetensors").read_bytes()).hexdigest()
 
 
 def write_gsm8k_jsonl(directory: Path) -> Path:

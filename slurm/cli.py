@@ -96,6 +96,7 @@ def run_submit_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"submitted eval array job {result.array_job_id} ({result.array_size} tasks) and merge job "
           f"{result.merge_job_id}; results in {result.output_dir}")
+    print(f"every task evaluates {result.checkpoint}")
     return 0
 
 

@@ -5,6 +5,10 @@ results.json, results.md and results.png exactly as `rdp eval` does (`rdp merge-
     OUT/parts/NNN/results.json     one array task's `rdp eval` output
     OUT/slurm/eval-array.sbatch, eval-merge.sbatch, logs/
     OUT/results.json, results.md, results.png   the merged sweep
+
+The checkpoint is resolved at submission to one step directory and the sha256 of its
+weights; every array task evaluates that directory and refuses other weights, so a training
+job that publishes newer checkpoints meanwhile never mixes steps into one sweep.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from rdp.slurm.site import SiteConfig
 from rdp.slurm.submit import sbatch
 
 PARTS_DIR = "parts"
+# what every part must share: the checkpoint, its resolved directory, step and weights, the settings
+IDENTITY_KEYS = ("checkpoint", "checkpoint_dir", "step", "weights_sha256", "settings")
 
 
 class MergeError(RuntimeError):
@@ -35,6 +41,7 @@ class EvalSubmission:
     array_size: int = 0
     array_job_id: Optional[str] = None
     merge_job_id: Optional[str] = None
+    checkpoint: str = ""  # the resolved checkpoint, its step and weights
 
 
 def _split(text: str, what: str, cast=str) -> list:
@@ -59,14 +66,17 @@ def submit_eval(args, shape: JobShape, site: SiteConfig) -> EvalSubmission:
     shape.check()
     if shape.nodes != 1 or shape.tasks_per_node not in (1, shape.gpus_per_node):
         raise ConfigError("submit-eval runs one process per array task: use --nodes 1 (and at most one task per node)")
-    checkpoint = Path(args.checkpoint).expanduser().resolve()
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file or directory")
+    from rdp.evals.checkpoint_info import describe_checkpoint
+    from rdp.evals.sweep import default_out_dir
+
     tasks = _split(args.tasks, "tasks")
     depths = _split(args.depths, "depths", int)
     if any(d < 1 for d in depths):
         raise ConfigError(f"--depths must be >= 1, got {depths}")
-    output_dir = Path(args.output).expanduser().resolve() if args.output else checkpoint / "eval"
+    given = Path(args.checkpoint).expanduser()
+    info = describe_checkpoint(given)  # the one checkpoint every array task evaluates
+    checkpoint, weights = info.path, info.weights_sha256()
+    output_dir = Path(args.output).expanduser().resolve() if args.output else default_out_dir(info)
     units = ([(task, depth) for task in tasks for depth in depths] if args.split_tasks
              else [(",".join(tasks), depth) for depth in depths])
     extra = shlex.split(args.eval_args)
@@ -79,12 +89,12 @@ def submit_eval(args, shape: JobShape, site: SiteConfig) -> EvalSubmission:
               "env_lines": env_lines(site), "output_dir": output_dir}
     eval_shape = JobShape(nodes=1, tasks_per_node=1, gpus_per_node=min(shape.gpus_per_node, 1), time=shape.time,
                           partition=shape.partition, account=shape.account, qos=shape.qos)
-    name = f"rdp-eval-{checkpoint.name}"
+    name = f"rdp-eval-{given.resolve().name}"
 
     array_options = [("job-name", name)] + scheduling_options(eval_shape, site, site.cpus_per_task) + [
         ("array", f"0-{len(units) - 1}"), ("output", str(slurm_dir / "logs" / "%x-%A_%a.out"))]
     evaluate = (f"eval {shlex.quote(str(checkpoint))} --tasks \"${{TASKS[$i]}}\" --depths \"${{DEPTHS[$i]}}\" "
-                f"--out \"$part\" --no-progress" + "".join(f" {shlex.quote(a)}" for a in extra))
+                f"--out \"$part\" --weights-sha256 {weights} --no-progress" + "".join(f" {shlex.quote(a)}" for a in extra))
     array_script = fill("eval-array.sbatch.tmpl", {
         **common, "unit": "(task, depth)" if args.split_tasks else "depth", "checkpoint": checkpoint,
         "sbatch_lines": sbatch_option_lines(array_options, site.sbatch_lines),
@@ -101,7 +111,7 @@ def submit_eval(args, shape: JobShape, site: SiteConfig) -> EvalSubmission:
         **common, "sbatch_lines": sbatch_option_lines(merge_options, site.sbatch_lines),
         "srun_line": _srun(site, 0, f"merge-eval {shlex.quote(str(output_dir))} --expect {len(units)}")})
 
-    result = EvalSubmission(output_dir, array_size=len(units))
+    result = EvalSubmission(output_dir, array_size=len(units), checkpoint=info.describe())
     for file_name, text in (("eval-array.sbatch", array_script), ("eval-merge.sbatch", merge_script)):
         path = slurm_dir / file_name
         path.write_text(text)
@@ -138,9 +148,10 @@ def merge_parts(output_dir: str | Path, expect: Optional[int] = None) -> tuple[d
             document = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise MergeError(f"{path}: unreadable ({exc.msg})") from None
+        identity = {key: document.get(key) for key in IDENTITY_KEYS}
         if merged is None:
-            merged = {"checkpoint": document.get("checkpoint"), "settings": document.get("settings"), "results": {}}
-        elif (document.get("checkpoint"), document.get("settings")) != (merged["checkpoint"], merged["settings"]):
+            merged = {**identity, "results": {}}
+        elif identity != {key: merged[key] for key in IDENTITY_KEYS}:
             raise MergeError(f"{path}: evaluated another checkpoint or with other settings than {found[0]}")
         for row, per_depth in document.get("results", {}).items():
             merged["results"].setdefault(row, {}).update(per_depth)

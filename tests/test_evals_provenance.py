@@ -3,33 +3,15 @@ its weights, a sweep never reuses results of other weights, custom lm-eval tasks
 --include_path or a YAML path, and an unknown task name fails before anything is loaded."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from rdp.evals.testing import publish_step, weights_sha256
 from rdp.launch.cli import main as rdp
 
 EVAL = ["--depths", "1,2", "--reasoning-examples", "4", "--no-progress"]
-
-
-def publish_step(run_dir: Path, step: int, seed: int) -> Path:
-    """A checkpoint of a run as `rdp train` publishes it (manifest, `latest` pointer)."""
-    from rdp.pretrain.checkpoint import publish, save_model_weights, staging_dir, write_json
-    from rdp.pretrain.config import load_config
-    from rdp.pretrain.model import build_model
-
-    config = load_config("tiny")
-    root = run_dir / "checkpoints"
-    staging = staging_dir(root, step)
-    save_model_weights(build_model(config.model, seed=seed), staging, config)
-    write_json(staging / "trainer_state.json", {"step": step})
-    return publish(staging, root, step)
-
-
-def weights_sha256(step_dir: Path) -> str:
-    return hashlib.sha256(b"model.safetensors\0" + (step_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
 @pytest.fixture

@@ -320,21 +320,34 @@ def test_two_task_job_trains_and_checkpoints(cluster, jobs):
     assert f"last logged step: {MAX_STEPS}" in status
 
 
-def test_eval_array_job_produces_the_merged_table(cluster, jobs, tmp_path):
-    reference = jobs["reference"]
-    assert finished(reference, cluster)[0] == "COMPLETED"
-    out = tmp_path / "sweep"
-    submitted = run([*RDP, "submit-eval", str(reference.run_dir), "--tasks", "parity", "--depths", "1,2,4",
-                     "--site", "local", "--time", "00:10:00", "--output", str(out),
-                     "--eval-args", "--reasoning-examples 8"], cluster).stdout.split()
+def test_eval_array_job_produces_the_merged_table_of_one_checkpoint(cluster, tmp_path):
+    """The array is held at submission; the run then publishes a newer checkpoint, and only
+    then do the tasks start: every task still evaluates the step resolved at submission."""
+    from rdp.evals.testing import publish_step, weights_sha256
+
+    run_dir, out = tmp_path / "run", tmp_path / "sweep"
+    submitted_step = publish_step(run_dir, 80, seed=0)
+    site = tmp_path / "held.yaml"
+    site.write_text((REPO / "slurm" / "sites" / "local.yaml").read_text() + 'sbatch_lines: ["--hold"]\n')
+    lines = run([*RDP, "submit-eval", str(run_dir), "--tasks", "parity", "--depths", "1,2,4", "--site", str(site),
+                 "--time", "00:10:00", "--output", str(out), "--eval-args", "--reasoning-examples 8"],
+                cluster).stdout.splitlines()
+    submitted = lines[0].split()
     assert submitted[:4] == ["submitted", "eval", "array", "job"] and submitted[5:7] == ["(3", "tasks)"]
     array_id, merge_id = submitted[4], submitted[10].rstrip(";")
     assert submitted[-1] == str(out)
+    assert lines[1] == f"every task evaluates {submitted_step.resolve()} (step 80, weights sha256 " \
+                       f"{weights_sha256(submitted_step)[:12]})"
+    newer = publish_step(run_dir, 90, seed=1)
+    assert (run_dir / "checkpoints" / "latest").read_text() == newer.name
+    run(["scontrol", "release", array_id, merge_id], cluster)
     wait_until(lambda: job_state(merge_id, cluster)[0] in ("COMPLETED", "FAILED", "CANCELLED"),
                f"merge job {merge_id}", on_timeout=lambda: "\n".join(p.read_text() for p in out.glob("slurm/logs/*")))
     assert sorted(r["JobState"] for r in job_records(array_id, cluster)) == ["COMPLETED"] * 3
     assert job_state(merge_id, cluster)[0] == "COMPLETED"
     merged = json.loads((out / "results.json").read_text())
+    assert (merged["step"], merged["weights_sha256"]) == (80, weights_sha256(submitted_step))
+    assert merged["checkpoint_dir"] == str(submitted_step.resolve())
     rows = ["parity/easy", "parity/hard32", "parity/hard64"]
     assert list(merged["results"]) == rows
     for index, depth in enumerate((1, 2, 4)):
@@ -342,6 +355,7 @@ def test_eval_array_job_produces_the_merged_table(cluster, jobs, tmp_path):
         assert merged["checkpoint"] == part["checkpoint"] and merged["settings"] == part["settings"]
         for row in rows:
             assert merged["results"][row][str(depth)] == part["results"][row][str(depth)]
+            assert part["results"][row][str(depth)]["step"] == 80
     table = (out / "results.md").read_text().splitlines()
     assert "| task | metric | r=1 | r=2 | r=4 |" in table
     assert [line.split(" | ")[0] for line in table if line.startswith("| parity/")] == [f"| {r}" for r in rows]

@@ -177,35 +177,39 @@ def test_status_reads_checkpoint_metrics_and_a_torn_last_line(tmp_path, capsys):
 
 
 def test_submit_eval_dry_run_one_array_task_per_task_and_depth(tmp_path, capsys):
-    checkpoint = tmp_path / "run"
-    checkpoint.mkdir()
-    assert rdp(["submit-eval", str(checkpoint), "--tasks", "parity,s3", "--depths", "1,8", "--split-tasks",
+    from rdp.evals.testing import publish_step, weights_sha256
+
+    run = tmp_path / "run"
+    step = publish_step(run, 3)  # every array task evaluates this step dir and refuses other weights
+    assert rdp(["submit-eval", str(run), "--tasks", "parity,s3", "--depths", "1,8", "--split-tasks",
                 "--gpus-per-node", "1", "--time", "02:00:00", "--site", "local", "--eval-args", "--limit 10",
                 "--dry-run"]) == 0
-    array = (checkpoint / "eval" / "slurm" / "eval-array.sbatch").read_text().splitlines()
+    checkpoint = run / "eval" / "step_00000003"  # the default output names the step
+    array = (checkpoint / "slurm" / "eval-array.sbatch").read_text().splitlines()
     assert "#SBATCH --array=0-3" in array and "#SBATCH --gpus-per-node=1" in array
     assert "#SBATCH --time=02:00:00" in array and "#SBATCH --partition=debug" in array
     assert "TASKS=(parity parity s3 s3)" in array and "DEPTHS=(1 8 1 8)" in array
     srun = next(line for line in array if line.startswith("srun "))
     assert srun == (f"srun --nodes=1 --ntasks=1 --cpus-per-task=1 --gpus-per-node=1 {sys.executable} -m rdp.launch.cli "
-                    f"eval {checkpoint} --tasks \"${{TASKS[$i]}}\" --depths \"${{DEPTHS[$i]}}\" --out \"$part\" "
-                    "--no-progress --limit 10 --device cuda")
-    merge = (checkpoint / "eval" / "slurm" / "eval-merge.sbatch").read_text().splitlines()
+                    f"eval {step.resolve()} --tasks \"${{TASKS[$i]}}\" --depths \"${{DEPTHS[$i]}}\" --out \"$part\" "
+                    f"--weights-sha256 {weights_sha256(step)} --no-progress --limit 10 --device cuda")
+    merge = (checkpoint / "slurm" / "eval-merge.sbatch").read_text().splitlines()
     assert not any("gpus" in line for line in merge)
     assert merge[-1] == (f"srun --nodes=1 --ntasks=1 --cpus-per-task=1 {sys.executable} -m rdp.launch.cli "
-                         f"merge-eval {checkpoint}/eval --expect 4")
+                         f"merge-eval {checkpoint.resolve()} --expect 4")
     for path in ("eval-array.sbatch", "eval-merge.sbatch"):
-        assert subprocess.run(["bash", "-n", str(checkpoint / "eval" / "slurm" / path)]).returncode == 0
+        assert subprocess.run(["bash", "-n", str(checkpoint / "slurm" / path)]).returncode == 0
     assert rdp(["submit-eval", str(tmp_path / "nope"), "--tasks", "parity", "--depths", "1", "--dry-run"]) == 2
-    assert rdp(["submit-eval", str(checkpoint), "--tasks", "parity", "--depths", "0", "--dry-run"]) == 2
+    assert rdp(["submit-eval", str(run), "--tasks", "parity", "--depths", "0", "--dry-run"]) == 2
     assert "--depths must be >= 1" in capsys.readouterr().err
 
 
 def test_merge_eval_unions_parts_and_names_missing_and_mismatched_ones(tmp_path, capsys):
-    def part(index: int, depth: int, settings: dict) -> None:
+    def part(index: int, depth: int, settings: dict, weights: str = "ab12") -> None:
         folder = tmp_path / "parts" / f"{index:03d}"
-        folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps({"checkpoint": "/ck", "settings": settings, "results": {
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps({"checkpoint": "/ck", "settings": settings, "step": 40,
+                                                         "weights_sha256": weights, "results": {
             "parity/easy": {str(depth): {"score": depth / 10, "stderr": 0.01, "metric": "exact_match"}}}}))
 
     part(0, 4, {"seed": 1})
@@ -218,6 +222,10 @@ def test_merge_eval_unions_parts_and_names_missing_and_mismatched_ones(tmp_path,
     table = (tmp_path / "results.md").read_text().splitlines()
     assert "| task | metric | r=1 | r=4 |" in table
     assert "| parity/easy | exact_match | 0.100 ± 0.010 | 0.400 ± 0.010 |" in table
+    assert (merged["step"], merged["weights_sha256"]) == (40, "ab12")
     part(1, 2, {"seed": 2})
     assert rdp(["merge-eval", str(tmp_path)]) == 2
     assert "parts/001/results.json: evaluated another checkpoint or with other settings" in capsys.readouterr().err
+    part(1, 2, {"seed": 1}, weights="cd34")  # same settings, other weights
+    assert rdp(["merge-eval", str(tmp_path)]) == 2
+    assert "parts/001/results.json: evaluated another checkpoint" in capsys.readouterr().err
