@@ -91,6 +91,7 @@ def test_wheel_holds_every_room_under_rdp_with_its_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     top = {n.split("/")[0] for n in names if not n.startswith("rdp-")}
     assert top == {"rdp"}, top
+    assert "rdp-lm-eval-plugin.pth" in names  # `lm_eval --model rdp` (evals/lm_eval_plugin.py)
     for required in ("rdp/__init__.py", "rdp/pretrain/model.py", "rdp/kernels/dispatch.py", "rdp/configs/tiny.yaml",
                      "rdp/configs/huginn-3.5b.yaml", "rdp/slurm/templates/train.sbatch.tmpl",
                      "rdp/slurm/local_cluster.sh", "rdp/launch/cli.py"):

@@ -1,7 +1,15 @@
-"""lm-eval's chat flags on the `rdp` model: the template beside the tokenizer renders the
-conversation as Hugging Face tokenizers do, BOS appears once, and lm-eval's
---apply_chat_template / --fewshot_as_multiturn / --system_instruction reach the prompts."""
+"""lm-eval the way huginn-0125's numbers were made: lm-eval's own `lm_eval` command finds the
+`rdp` model (installed plugin), and its --apply_chat_template / --fewshot_as_multiturn /
+--system_instruction reach the prompts through the template beside the tokenizer, rendered
+as Hugging Face tokenizers render it, with BOS once."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 from data_helpers import MODEL, VOCAB
@@ -59,27 +67,28 @@ def test_template_renders_like_hugging_face_and_bos_appears_once(lm):
     assert prefilled == text + "The answer is"
 
 
-def test_lm_eval_chat_flags_reach_the_prompt(lm, tmp_path, monkeypatch):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def test_plain_lm_eval_command_runs_the_rdp_model_with_the_chat_flags(lm, tmp_path):
     from rdp.evals.gsm8k import write_local_tasks
     from rdp.evals.testing import write_gsm8k_jsonl
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    names = write_local_tasks(write_gsm8k_jsonl(tmp_path / "gsm8k"), tmp_path / "tasks")
-    out = lm_eval.simple_evaluate(model=lm, tasks=[names["gsm8k_cot"]], num_fewshot=2, limit=1,
-                                  apply_chat_template=True, fewshot_as_multiturn=True, system_instruction=SYSTEM,
-                                  gen_kwargs="max_gen_toks=2", log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
-                                                           include_defaults=False))
-    samples = out["samples"][names["gsm8k_cot"]]  # one per answer filter, the same prompt
-    assert sorted(s["filter"] for s in samples) == ["flexible-extract", "strict-match"]
-    prompt = samples[0]["arguments"][0][0]
+    plugin = Path(sysconfig.get_paths()["purelib"]) / "rdp-lm-eval-plugin.pth"
+    assert plugin.is_file(), f"{plugin} is missing: reinstall rdp (scripts/setup.sh or pip install -e .)"
+    task = write_local_tasks(write_gsm8k_jsonl(tmp_path / "gsm8k"), tmp_path / "tasks")["gsm8k_cot"]
+    command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "rdp",
+               "--model_args", f"checkpoint={lm.checkpoint.path},num_steps=2", "--tasks", task,
+               "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "2", "--limit", "1",
+               "--apply_chat_template", "--fewshot_as_multiturn", "--system_instruction", SYSTEM,
+               "--gen_kwargs", "max_gen_toks=2", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exact_match" in done.stdout and task in done.stdout
+    (samples,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+    prompts = {json.loads(line)["arguments"]["gen_args_0"]["arg_0"] for line in samples.read_text().splitlines()}
+    (prompt,) = prompts  # one per answer filter, all the same
     assert prompt.startswith(f"<s><|begin_header|>system<|end_header|>\n\n{SYSTEM}<|end_turn|>")
     assert prompt.count("<|begin_header|>user") == 3 and prompt.count("<|begin_header|>assistant") == 3  # 2 shots
     assert prompt.endswith("<|begin_header|>assistant<|end_header|>\n\n")
-    assert "exact_match,flexible-extract" in out["results"][names["gsm8k_cot"]]
 
 
 def test_chat_flags_without_a_template_are_refused(lm, tmp_path, capsys):
