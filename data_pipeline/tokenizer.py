@@ -109,6 +109,9 @@ def load_tokenizer(model_path: str):
 
 
 RUN_TOKENIZER = "tokenizer.model"  # a run dir's copy of data.tokenizer, where evaluation looks
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # Hugging Face's, or this project's sentencepiece
+TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's: add_bos_token, special tokens, chat_template
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def save_run_tokenizer(data_cfg, run_dir, write: bool = True) -> None:
@@ -131,3 +134,74 @@ def save_run_tokenizer(data_cfg, run_dir, write: bool = True) -> None:
         temporary = f"{target}.tmp"
         shutil.copyfile(source, temporary)
         os.replace(temporary, target)
+
+
+def _is_rdp_sidecar(path) -> bool:
+    """`rdp data tokenizer --output tokenizer.model` also writes tokenizer.json: its ids and
+    fingerprint, not a Hugging Face tokenizer."""
+    if not (os.path.basename(path) == "tokenizer.json" and os.path.isfile(os.path.join(os.path.dirname(path),
+                                                                                       "tokenizer.model"))):
+        return False
+    try:
+        with open(path) as handle:
+            return "fingerprint" in json.load(handle)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def find_checkpoint_tokenizer(checkpoint):
+    """tokenizer.json / tokenizer.model in a checkpoint dir or up to two parents (a step dir
+    sits in RUN_DIR/checkpoints/, and training copies the tokenizer to RUN_DIR); None if none."""
+    from pathlib import Path
+
+    directory = Path(checkpoint)
+    for candidate_dir in (directory, directory.parent, directory.parent.parent):
+        for name in TOKENIZER_FILES:
+            if (candidate_dir / name).is_file() and not _is_rdp_sidecar(candidate_dir / name):
+                return candidate_dir / name
+    return None
+
+
+def _token_text(tokenizer_path, token_id: int):
+    if str(tokenizer_path).endswith(".json"):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tokenizer_path)).id_to_token(token_id)
+    processor = load_tokenizer(str(tokenizer_path))
+    return processor.id_to_piece(token_id) if 0 <= token_id < processor.vocab_size() else None
+
+
+def export_tokenizer(tokenizer_path, output_dir, add_bos: bool, bos_id: int, eos_id: int, pad_id: int) -> None:
+    """Copy a tokenizer (and a chat_template.jinja beside it) into a Huginn-layout dir, with a
+    tokenizer_config.json saying how training framed documents (add_bos_token) and naming the
+    special tokens; fields of an existing tokenizer_config.json beside it are kept."""
+    source_dir = os.path.dirname(os.path.abspath(tokenizer_path))
+    shutil.copyfile(tokenizer_path, os.path.join(output_dir, os.path.basename(tokenizer_path)))
+    config = {}
+    if os.path.isfile(os.path.join(source_dir, TOKENIZER_CONFIG)):
+        with open(os.path.join(source_dir, TOKENIZER_CONFIG)) as handle:
+            config = json.load(handle)
+    config.update(add_bos_token=bool(add_bos), add_eos_token=False)
+    for key, token_id in (("bos_token", bos_id), ("eos_token", eos_id), ("pad_token", pad_id)):
+        text = _token_text(tokenizer_path, token_id)
+        if text:
+            config.setdefault(key, text)
+    if os.path.isfile(os.path.join(source_dir, CHAT_TEMPLATE_FILE)):
+        shutil.copyfile(os.path.join(source_dir, CHAT_TEMPLATE_FILE), os.path.join(output_dir, CHAT_TEMPLATE_FILE))
+    with open(os.path.join(output_dir, TOKENIZER_CONFIG), "w") as handle:
+        json.dump(config, handle, indent=2)
+        handle.write("\n")
+
+
+def import_tokenizer(source_dir, output_dir) -> bool:
+    """Copy a Huginn-layout dir's tokenizer files into a checkpoint dir; returns whether its
+    documents started with BOS (tokenizer_config.json's add_bos_token; huginn-0125's did)."""
+    config = {}
+    for name in (*TOKENIZER_FILES, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE):
+        path = os.path.join(source_dir, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(output_dir, name))
+            if name == TOKENIZER_CONFIG:
+                with open(path) as handle:
+                    config = json.load(handle)
+    return bool(config.get("add_bos_token", True))

@@ -9,12 +9,11 @@ evals/checkpoint_info.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+from rdp.data_pipeline.tokenizer import find_checkpoint_tokenizer
 
 
 class EvalTokenizer:
@@ -84,26 +83,8 @@ class EvalTokenizer:
         return self._sp.decode(ids)
 
 
-def _is_rdp_sidecar(path: Path) -> bool:
-    """`rdp data tokenizer --output tokenizer.model` also writes tokenizer.json: its ids and
-    fingerprint, not a Hugging Face tokenizer."""
-    if not (path.name == "tokenizer.json" and (path.parent / "tokenizer.model").is_file()):
-        return False
-    try:
-        return "fingerprint" in json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return False
-
-
 def find_tokenizer(checkpoint: str | Path) -> Optional[Path]:
-    """tokenizer.json / tokenizer.model in the checkpoint dir or up to two parents
-    (a step dir sits in RUN_DIR/checkpoints/, and training copies the tokenizer to RUN_DIR)."""
-    directory = Path(checkpoint)
-    for candidate_dir in (directory, directory.parent, directory.parent.parent):
-        for name in TOKENIZER_FILES:
-            if (candidate_dir / name).is_file() and not _is_rdp_sidecar(candidate_dir / name):
-                return candidate_dir / name
-    return None
+    return find_checkpoint_tokenizer(checkpoint)
 
 
 def load_eval_tokenizer(checkpoint: str | Path, model_cfg, path: Optional[str | Path] = None,

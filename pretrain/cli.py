@@ -91,6 +91,10 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         convert.import_huginn(args.source, args.output)
     print(f"wrote {args.output}")
+    from pathlib import Path
+
+    if not any((Path(args.output) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        print(f"note: no tokenizer.model / tokenizer.json beside {args.source}: {args.output} holds the weights only")
     return 0
 
 

@@ -179,14 +179,30 @@ def save_huginn(model: RecurrentDepthModel, path: str | Path) -> Path:
 
 
 def export_huginn(checkpoint: str | Path, output: str | Path) -> Path:
-    from rdp.pretrain.checkpoint import load_model
+    """The weights, and the run's tokenizer with a tokenizer_config.json saying whether
+    training put BOS before each document (config data.add_bos)."""
+    from rdp.data_pipeline.tokenizer import export_tokenizer, find_checkpoint_tokenizer
+    from rdp.pretrain.checkpoint import CONFIG_FILE, load_model, resolve_checkpoint
+    from rdp.pretrain.config import load_config
 
-    return save_huginn(load_model(checkpoint), output)
+    directory = resolve_checkpoint(checkpoint)
+    model = load_model(directory)
+    save_huginn(model, output)
+    tokenizer = find_checkpoint_tokenizer(directory)
+    if tokenizer is not None:
+        m = model.config
+        export_tokenizer(tokenizer, output, bool(load_config(directory / CONFIG_FILE).data.add_bos),
+                         m.bos_token_id, m.eos_token_id, m.pad_token_id)
+    return Path(output)
 
 
 def import_huginn(source: str | Path, output: str | Path) -> Path:
+    from rdp.data_pipeline.tokenizer import import_tokenizer
     from rdp.pretrain.checkpoint import save_model_weights
 
     model = load_huginn(source)
-    save_model_weights(model, Path(output), run_config_for(model.config))
+    config = run_config_for(model.config)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    config.data.add_bos = import_tokenizer(source, output)  # evaluation frames text as huginn was trained
+    save_model_weights(model, Path(output), config)
     return Path(output)

@@ -4,7 +4,8 @@ has exactly the trainer's loss, whether packing put BOS before each document or 
 The corpus is two documents of exactly L tokens each, so with seq_len L a window holds one
 whole document behind what precedes it in training: its BOS, or the previous document's EOS.
 The adapter gets only the checkpoint's run dir and the document's text: the tokenizer comes
-from the run dir (copied there by training), the framing from the checkpoint's config."""
+from the run dir (copied there by training), the framing from the checkpoint's config; a
+Huginn-layout export (and its import back) carries both."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from rdp.data_pipeline.manifest import DataError
 from rdp.data_pipeline.sample_corpus import write_sample_corpus
 from rdp.data_pipeline.shards import ShardOptions, write_shards
 from rdp.data_pipeline.tokenizer import SpecialIds, load_tokenizer, train_tokenizer
+from rdp.launch.cli import main as rdp
 from rdp.pretrain.config import load_config
 from data_helpers import MODEL, VOCAB
 
@@ -85,8 +87,21 @@ def test_adapter_loglikelihood_of_a_training_window_is_the_trainers_loss(corpus,
 
     lm = RecurrentDepthLM(checkpoint=str(tmp_path / "run"), num_steps=DEPTH, init_scale=0.0)
     assert lm.tok.add_bos is add_bos and lm.tok_encode(texts[document]) == window[1 - add_bos:]
-    (logprob, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("", texts[document]), 0)])
+    request = [Instance("loglikelihood", {}, ("", texts[document]), 0)]
+    (logprob, _), = lm.loglikelihood(request)
     assert -logprob / length == pytest.approx(loss, rel=1e-5, abs=1e-6)
+
+    # exported with its tokenizer and framing, and imported back, it scores the same
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    assert rdp(["convert", "to-huginn", str(tmp_path / "run"), str(hf)]) == 0
+    exported = json.loads((hf / "tokenizer_config.json").read_text())
+    assert exported["add_bos_token"] is add_bos and exported["bos_token"] == "<s>"
+    assert (hf / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
+    assert rdp(["convert", "from-huginn", str(hf), str(back)]) == 0
+    assert load_config(back / "config.yaml").data.add_bos is add_bos
+    for directory in (hf, back):
+        (again, _), = RecurrentDepthLM(checkpoint=str(directory), num_steps=DEPTH, init_scale=0.0).loglikelihood(request)
+        assert again == pytest.approx(logprob, abs=1e-5)
 
 
 def test_framing_disagreements_are_refused(corpus, tmp_path):
