@@ -1,8 +1,12 @@
 """The lm-evaluation-harness model `rdp`: any checkpoint this project writes or imports,
 evaluated at a chosen test-time depth, optionally with per-token adaptive exit.
 
-    lm_eval.simple_evaluate(model="rdp", model_args="checkpoint=runs/x,num_steps=16", tasks=[...])
+    lm_eval --model rdp --model_args checkpoint=runs/x,num_steps=16 --tasks ...   (evals/lm_eval_plugin.py)
     python -m rdp.evals.harness --model rdp --model_args checkpoint=runs/x,num_steps=16 --tasks ...
+    lm_eval.simple_evaluate(model="rdp", model_args="checkpoint=runs/x,num_steps=16", tasks=[...])
+
+Prompts are framed as the checkpoint's training framed documents (BOS first or not, see
+evals/tokenizer.py); chat templates render as in evals/chat.py.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import lm_eval.models  # noqa: F401 - lm-eval's own model names first: it indexes them only into an empty registry
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

@@ -94,8 +94,10 @@ def test_site_values_are_quoted_so_the_script_runs_them_as_data(tmp_path, capsys
 
 
 def test_eval_array_refuses_a_checkpoint_name_that_cannot_be_a_job_name(tmp_path, capsys):
+    from rdp.evals.testing import publish_step
+
     checkpoint = tmp_path / "run\nx"
-    checkpoint.mkdir()
+    publish_step(checkpoint, 1)  # a real checkpoint: submit-eval resolves it before rendering
     assert rdp(["submit-eval", str(checkpoint), "--tasks", "parity", "--depths", "1", "--output",
                 str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err
