@@ -183,7 +183,7 @@ def export_tokenizer(tokenizer_path, output_dir, add_bos: bool, bos_id: int, eos
             config = json.load(handle)
     config.update(add_bos_token=bool(add_bos), add_eos_token=False)
     for key, token_id in (("bos_token", bos_id), ("eos_token", eos_id), ("pad_token", pad_id)):
-        text = _token_text(tokenizer_path, token_id)
+        text = _token_text(tokenizer_path, token_id) if token_id is not None else None
         if text:
             config.setdefault(key, text)
     if os.path.isfile(os.path.join(source_dir, CHAT_TEMPLATE_FILE)):
