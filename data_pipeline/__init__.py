@@ -1,4 +1,4 @@
-"""Tokenizers, WebDataset shards and the resumable streaming loader."""
+"""Tokenizers, WebDataset shards, reasoning tasks and the resumable training streams."""
 from __future__ import annotations
 
 import os
@@ -25,12 +25,12 @@ def build_stream(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0
 
         spec = stream_spec(data_cfg, vocab_size, micro_batch_size, rank, world_size)
         return ShardStream(spec, num_workers=data_cfg.num_workers)
-    if data_cfg.source.startswith("reasoning:"):  # evals' synthetic reasoning tasks
-        from rdp.evals.reasoning import ReasoningStream
+    from rdp.data_pipeline.tasks import TaskStream, task_of_source
 
-        return ReasoningStream(data_cfg.source.split(":", 1)[1], data_cfg.seq_len, vocab_size, micro_batch_size,
-                               data_cfg.seed, rank, world_size)
-    raise ValueError(f"data.source={data_cfg.source!r}: must be synthetic or webdataset")
+    task = task_of_source(data_cfg.source)
+    if task is not None:  # a built-in reasoning task or a task directory
+        return TaskStream(task, data_cfg.seq_len, vocab_size, micro_batch_size, data_cfg.seed, rank, world_size)
+    raise ValueError(f"data.source={data_cfg.source!r}: must be synthetic, webdataset or task:NAME_OR_DIR")
 
 
 def stream_spec(data_cfg, vocab_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):

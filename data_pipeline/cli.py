@@ -44,7 +44,15 @@ def _shard(args: argparse.Namespace) -> int:
 
     options = ShardOptions(seq_len=args.seq_len, mode=args.mode, shard_bytes=parse_size(args.shard_size),
                            num_workers=args.workers, text_field=args.text_field, add_bos=args.add_bos)
-    manifest = write_shards(args.input, args.tokenizer, args.output, options)
+    if args.validation_fraction:
+        from rdp.data_pipeline.validation_split import write_with_validation
+
+        manifest, held_out = write_with_validation(args.input, args.tokenizer, args.output, options,
+                                                   args.validation_fraction)
+        print(f"{args.output}/validation: {held_out.num_samples:,} held-out samples "
+              f"({held_out.total_tokens:,} tokens, never read by training)")
+    else:
+        manifest = write_shards(args.input, args.tokenizer, args.output, options)
     print(f"{args.output}: {len(manifest.shards)} shard(s), {manifest.num_samples:,} samples of "
           f"{manifest.seq_len}+1 {manifest.dtype} tokens; {manifest.total_tokens:,} corpus tokens, "
           f"{manifest.padding_tokens:,} padding, {manifest.dropped_tokens:,} dropped; documents framed as "
@@ -88,6 +96,8 @@ def register(subparsers) -> None:
     shard.add_argument("--text-field", default="text")
     shard.add_argument("--no-bos", dest="add_bos", action="store_false",
                        help="no BOS before each document (default: BOS + document + EOS)")
+    shard.add_argument("--validation-fraction", type=float, default=0.0,
+                       help="hold out this fraction of documents (by a hash of their text) as OUTPUT/validation")
     shard.set_defaults(handler=_shard)
 
     insp = commands.add_parser("inspect", help="print a shard directory's manifest and a few decoded samples")

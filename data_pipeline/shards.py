@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -33,6 +33,8 @@ class ShardOptions:
     text_field: str = "text"
     docs_per_task: int = 64
     add_bos: bool = True  # BOS before every document (docs/data.md says why)
+    # which documents this dataset takes (validation_split.py holds some out); None: all
+    keep_document: Optional[Callable[[str], bool]] = None
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -223,7 +225,10 @@ def write_shards(inputs: list[str], tokenizer_path: str, output_dir: str, option
     sink = _ShardSink(output_dir, options.seq_len, dtype)
     sink.samples_per_shard = max(1, (options.shard_bytes - 2 * TAR_BLOCK) // sink.stride)
 
-    chunks = _chunks(iter_corpus(files, options.text_field), options.docs_per_task)
+    documents = iter_corpus(files, options.text_field)
+    if options.keep_document is not None:
+        documents = filter(options.keep_document, documents)
+    chunks = _chunks(documents, options.docs_per_task)
     if options.num_workers > 0:
         context = multiprocessing.get_context("spawn")  # no fork of a possibly threaded parent
         pool = context.Pool(options.num_workers, initializer=_init_worker, initargs=(tokenizer_path,))

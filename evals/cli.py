@@ -21,7 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev = commands.add_parser("eval", help="evaluate a checkpoint at several test-time depths")
     ev.add_argument("checkpoint", help="run dir / checkpoint dir of this project, or a Huginn-layout dir")
     ev.add_argument("--tasks", type=_names, required=True,
-                    help="comma-separated: lm-eval task names, humaneval, parity, s3, s5, squaring")
+                    help="comma-separated: lm-eval task names, humaneval, a built-in reasoning task (parity, s3, "
+                         "s5, squaring, prefix_sums, pointer_chasing) or a task directory")
     ev.add_argument("--depths", type=_ints, default=[1, 4, 8, 16, 32, 64])
     ev.add_argument("--out", default=None,
                     help="output dir (default: RUN_DIR/eval/step_XXXXXXXX for a run's checkpoint, else CHECKPOINT/eval)")
@@ -65,16 +66,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=run_eval)
 
-    rs = commands.add_parser("reasoning", help="train a small model on a synthetic reasoning task, then sweep depths")
-    rs.add_argument("task", help="parity, s3, s5 or squaring")
+    rs = commands.add_parser("reasoning", help="train on a reasoning task (built-in or directory), then sweep depths")
+    rs.add_argument("task", help="parity, s3, s5, squaring, prefix_sums, pointer_chasing, or a task directory "
+                                 "(train.jsonl + <split>.jsonl)")
     rs.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
-    rs.add_argument("--preset", default="tiny")
+    rs.add_argument("--preset", default="reasoning", help="training config (default: configs/reasoning.yaml)")
     rs.add_argument("--out", default=None, help="default: runs/reasoning-TASK")
-    rs.add_argument("--steps", type=int, default=400)
+    rs.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's train.max_steps)")
     rs.add_argument("--depths", type=_ints, default=[1, 2, 4, 8, 16, 32])
-    rs.add_argument("--examples", type=int, default=256, help="held-out examples per (split, depth)")
+    rs.add_argument("--examples", type=int, default=256, help="examples per (split, depth); a file split: at most its lines")
     rs.add_argument("--no-progress", action="store_true")
     rs.set_defaults(handler=run_reasoning)
+
+    from rdp.evals.demo import register as register_demo
+
+    register_demo(commands)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -100,25 +106,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_reasoning(args: argparse.Namespace) -> int:
-    from rdp.evals.reasoning import get_task
-    from rdp.evals.sweep import Sweep, SweepConfig
-    from rdp.pretrain.config import load_config
-    from rdp.pretrain.train import train
+    from rdp.evals.reasoning import train_and_sweep
 
-    task = get_task(args.task)
-    out = Path(args.out or f"runs/reasoning-{task.name}")
-    run_dir = out / "train"
-    overrides = [f"data.source=reasoning:{task.name}", f"data.seq_len={task.train_length}",
-                 f"train.max_steps={args.steps}", f"train.run_dir={run_dir}", "train.eval_depths=[]",
-                 f"train.checkpoint_every={max(1, args.steps)}", "train.resume=auto", *args.overrides]
-    config = load_config(args.preset, overrides)
-    if config.model.vocab_size < task.num_symbols:
-        raise ValueError(f"task {task.name} needs model.vocab_size >= {task.num_symbols}")
-    train(config, progress=not args.no_progress)
-    cfg = SweepConfig(checkpoint=str(run_dir), tasks=[task.name], depths=args.depths, out_dir=str(out / "eval"),
-                      reasoning_examples=args.examples)
-    sweep = Sweep(cfg, progress=not args.no_progress)
-    sweep.run()
+    sweep = train_and_sweep(args.task, args.out, args.preset, args.overrides, steps=args.steps, depths=args.depths,
+                            examples=args.examples, progress=not args.no_progress)
     print((sweep.out / "results.md").read_text())
-    print(f"rdp reasoning: model in {run_dir}, results in {sweep.out}")
+    print(f"rdp reasoning: model in {sweep.cfg.checkpoint}, results in {sweep.out} (results.json, results.md, "
+          f"results.png)")
     return 0

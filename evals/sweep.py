@@ -3,8 +3,9 @@
 
 Task names: any lm-eval task (e.g. arc_easy, hellaswag, gsm8k, gsm8k_cot), a task of an
 `include_path` directory or a task YAML file; with `gsm8k_path` the gsm8k tasks read local
-jsonl instead; `humaneval`; the synthetic reasoning tasks `parity`, `s3`, `s5`, `squaring`
-(one row per split: easy and harder lengths).
+jsonl instead; `humaneval`; the synthetic reasoning tasks (`parity`, `s3`, `s5`, `squaring`,
+`prefix_sums`, `pointer_chasing`) and task directories (one row per test split: `task/easy`,
+`task/hard<d>`, or a directory's `<split>.jsonl` files).
 
 The checkpoint is resolved to one concrete directory when the sweep starts; results.json and
 every result in it record its step and weights' sha256, and a resumed sweep refuses results
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rdp.evals.reasoning import TASKS as REASONING_TASKS
+from rdp.evals.reasoning import is_reasoning_task
 from rdp.evals.task_names import is_task_file
 
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "results.png"
@@ -158,7 +159,7 @@ class Sweep:
     def _plan_tasks(self):
         from rdp.evals.task_names import TaskPlan, plan_tasks
 
-        lm_eval_tasks = [t for t in self.cfg.tasks if t not in REASONING_TASKS and t != "humaneval"]
+        lm_eval_tasks = [t for t in self.cfg.tasks if not is_reasoning_task(t) and t != "humaneval"]
         if not lm_eval_tasks:
             return TaskPlan()
         include, local = list(self.cfg.include_path), {}
@@ -210,23 +211,23 @@ class Sweep:
         """(row name in the table, task) pairs; a reasoning task gives one row per split."""
         rows = []
         for task in self.cfg.tasks:
-            if task in REASONING_TASKS:
-                rows += [(f"{task}/{split}", task) for split in REASONING_TASKS[task].splits()]
+            if is_reasoning_task(task):
+                from rdp.data_pipeline.tasks import load_task
+
+                spec = load_task(task)
+                rows += [(f"{spec.name}/{split}", task) for split in spec.test_splits()]
             else:  # a task YAML file's row is its task name
                 rows.append((self.plan.names[task] if is_task_file(task) else task, task))
         return rows
 
     def evaluate(self, row: str, task: str, depth: int) -> dict:
         c = self.cfg
-        if task in REASONING_TASKS:
-            from rdp.evals.reasoning import exact_match
+        if is_reasoning_task(task):
+            from rdp.evals.reasoning import score_split
 
-            spec = REASONING_TASKS[task]
-            length = spec.splits()[row.split("/", 1)[1]]
-            score, stderr, per_position = exact_match(self.model(), spec, length, depth, c.reasoning_examples,
-                                                      seed=c.seed)
-            return {"score": score, "stderr": stderr, "metric": f"exact_match (length {length})",
-                    "all": {"exact_match": score, "position_accuracy": per_position}, "mean_steps": float(depth)}
+            scores = score_split(self.model(), task, row.rsplit("/", 1)[1], depth, c.reasoning_examples, seed=c.seed)
+            return {"score": scores["exact_match"], "stderr": scores.pop("stderr"), "metric": "exact_match",
+                    "all": scores, "mean_steps": float(depth)}
         lm = self.lm(depth)
         if task == "humaneval":
             from rdp.evals.humaneval import run_humaneval

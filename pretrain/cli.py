@@ -46,17 +46,22 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from rdp.pretrain.task_sizing import load_task_config
     from rdp.pretrain.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_task_config(args.config, args.overrides)  # load_config, sized from a task source
     result = train(config, progress=not args.no_progress)
     if not result.is_main:  # one report per run, not per rank
         return 0
     print(f"trained to step {result.final_step}; run dir {result.run_dir}")
-    if result.eval_losses:
-        print("held-out loss by test-time depth (init_scale 0):")
-        for depth, loss in result.eval_losses.items():
-            print(f"  depth {depth:>3}: {loss:.4f}")
+    if result.validation:
+        from rdp.pretrain.validation import format_validation
+
+        kind = "loss" if "loss" in result.validation else "exact match"
+        print(f"validation {kind} by test-time depth (init_scale 0) on {result.validation_note}:")
+        print("\n".join(format_validation(result.validation)))
+    elif result.validation_note:
+        print(f"no validation table: {result.validation_note}")
     return 0
 
 

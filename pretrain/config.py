@@ -87,6 +87,9 @@ class DataConfig:
     # BOS before every document; null: as the shards' manifests say. The trainer writes the
     # value it found into the run's config, so checkpoints tell evaluation how text was framed.
     add_bos: Optional[bool] = None
+    # held-out shard directories for validation; empty: each path's validation/ subdirectory
+    # (written by `rdp data shard --validation-fraction`), if every path has one
+    validation_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -112,9 +115,11 @@ class TrainConfig:
     max_bad_steps: int = 5
     resume: str = "none"  # none | auto | PATH
     run_dir: str = "runs/default"
-    # depths at which the main job prints an evaluation loss after training
+    # validation on held-out data at these test-time depths: every eval_every steps (0: only
+    # at the end) into metrics.jsonl and TensorBoard, and as a table after training
     eval_depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
     eval_batches: int = 2
+    eval_every: int = 0
     # peak dense FLOP/s of one device; 0 = look the device up
     peak_flops: float = 0.0
     # Weights & Biases, beside metrics.jsonl and TensorBoard: on when a project is named;
@@ -269,8 +274,8 @@ def validate(config: RunConfig) -> None:
         value = getattr(m, name)
         _require(value is None or 0 <= value < m.vocab_size, f"model.{name}",
                  f"{value} is outside the vocabulary [0, {m.vocab_size})")
-    _require(d.source in ("synthetic", "webdataset") or d.source.startswith("reasoning:"), "data.source",
-             f"must be synthetic, webdataset or reasoning:<task>, got {d.source!r}")
+    _require(d.source in ("synthetic", "webdataset") or d.source.startswith(("task:", "reasoning:")), "data.source",
+             f"must be synthetic, webdataset or task:<built-in task or task directory>, got {d.source!r}")
     _require(d.source != "webdataset" or bool(d.paths), "data.paths",
              "data.source=webdataset needs at least one shard directory or URL")
     _require(0 < d.seq_len <= m.max_seq_len, "data.seq_len",
@@ -294,6 +299,8 @@ def validate(config: RunConfig) -> None:
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _require(all(r >= 1 for r in t.eval_depths), "train.eval_depths", "depths must be >= 1")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _require(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
     validate_objective(config.objective, m)
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")

@@ -118,8 +118,10 @@ class LossOnly(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_steps, init_scale: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor], num_steps, init_scale: float = 1.0,
+                generator: Optional[torch.Generator] = None, return_logits: bool = False) -> torch.Tensor:
+        if return_logits:  # validation of reasoning tasks: this TP rank's vocabulary slice
+            return self.model(input_ids, num_steps=num_steps, init_scale=init_scale, generator=generator).logits
         return self.model(input_ids, labels=labels, num_steps=num_steps, init_scale=init_scale,
                           return_logits=False, generator=generator,
                           objective=self.objective if self.training else None).loss

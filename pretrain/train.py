@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, g
 from rdp.pretrain.objectives import Objective
 from rdp.pretrain.sampler import DepthSampler
 from rdp.pretrain.wandb_sink import WandbSink
+from rdp.pretrain.validation import Validator, log_validation
 
 FINISHED_MARKER = "FINISHED"  # the SLURM chain (slurm/render.py) stops resubmitting once it exists
 METRICS_FILE = "metrics.jsonl"
@@ -52,7 +53,9 @@ class TrainResult:
     run_dir: Path
     final_step: int
     losses: list[float] = field(default_factory=list)
-    eval_losses: dict[int, float] = field(default_factory=dict)
+    eval_losses: dict[int, float] = field(default_factory=dict)  # text: held-out loss by depth
+    validation: dict = field(default_factory=dict)  # the end-of-run validation (pretrain/validation.py)
+    validation_note: str = ""  # what it was measured on, or why there is none
     stopped_by_signal: bool = False
     is_main: bool = True
 
@@ -87,6 +90,9 @@ class Trainer:
         self.stream = build_stream(config.data, config.model.vocab_size, t.micro_batch_size,
                                    rank=self.ctx.dp_rank, world_size=self.ctx.dp_size)
         config.data.add_bos = document_bos(config, self.stream)  # checkpoints record how text was framed
+        self.validator = Validator(config, self.engine, self.device, self.ctx.tp_size) if t.eval_depths else None
+        if self.validator and t.eval_every and self.validator.unavailable:
+            raise TrainingError(f"train.eval_every={t.eval_every}: {self.validator.unavailable}")
         torch.manual_seed(t.seed + self.ctx.rank)
         self.step = 0
         self.samples_seen = 0  # global: all DP ranks together
@@ -281,6 +287,10 @@ class Trainer:
                                                  self.config.model.activation_checkpointing, self.peak_flops,
                                                  self.ctx.world_size, self.objective))
                 result.losses.append(record["loss"])
+                if self.validator and t.eval_every and self.step % t.eval_every == 0:
+                    record["validation"] = self.validator.run()
+                    if main:
+                        log_validation(writer, record["validation"], self.step)
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -328,22 +338,6 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
         return open(path, "a")
 
-    @torch.no_grad()
-    def evaluate_depths(self, depths: list[int], batches: int) -> dict[int, float]:
-        """Held-out loss at each test-time depth (init_scale 0: the deterministic state). Every
-        rank evaluates the same batches (ZeRO-3 and TP need all ranks in each forward)."""
-        held_out = replace(self.config.data, seed=self.config.data.seed + 1_000_003)
-        self.engine.eval()
-        losses = {}
-        for depth in depths:
-            stream = build_stream(held_out, self.config.model.vocab_size, self.config.train.micro_batch_size)
-            total = 0.0
-            for _ in range(batches):
-                inputs, labels = (x.to(self.device) for x in stream.next_batch())
-                total += self.engine(inputs, labels, depth, init_scale=0.0).item()
-            losses[depth] = total / batches
-        return losses
-
     def close(self) -> None:
         self.watch.remove()
         self.engine.destroy()
@@ -362,10 +356,14 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     trainer = Trainer(config, progress=progress)
     try:
         result = trainer.run()
-        if config.train.eval_depths and not result.stopped_by_signal:
-            result.eval_losses = trainer.evaluate_depths(config.train.eval_depths, config.train.eval_batches)
+        validator = trainer.validator
+        if validator and not result.stopped_by_signal:
+            result.validation_note = validator.unavailable or validator.what
+            result.validation = validator.run()  # every rank joins each forward
+            if "loss" in result.validation:
+                result.eval_losses = {int(d): v for d, v in result.validation["loss"].items()}
             if not trainer.ctx.is_main:
-                result.eval_losses = {}
+                result.validation, result.eval_losses = {}, {}
     finally:
         trainer.close()
     return result

@@ -62,12 +62,17 @@ def write_spec(path: Path, scenarios: dict[str, list[str]]) -> Path:
 
 
 # ---- the runs the comparisons share ------------------------------------------------------------
+TASK_VALIDATION = ["data.source=task:s3", "train.max_steps=3", "train.eval_every=2", "train.eval_depths=[1,3]"]
 TWO_RANK = {
     "tp2": ["parallel.tensor_parallel=2", "train.max_steps=5"],
     "dp2_zero0": ["train.max_steps=5"],
     "dp2_zero1": ["train.max_steps=5", "parallel.zero_stage=1"],
     "dp2_zero2": ["train.max_steps=6", "parallel.zero_stage=2", "train.checkpoint_every=3"],
     "dp2_zero3": ["train.max_steps=5", "parallel.zero_stage=3"],
+    # validation on a reasoning task's test splits (logits gathered over the TP group; under
+    # ZeRO-3 every rank joins each forward)
+    "tp2_task": ["parallel.tensor_parallel=2", *TASK_VALIDATION],
+    "dp2_zero3_task": ["parallel.zero_stage=3", *TASK_VALIDATION],
 }
 
 
@@ -148,6 +153,19 @@ def test_zero_stages_match_stage_0(two_rank_runs, stage):
     assert len(sharded) == 5
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(reference, sharded)) < EXACT_ENOUGH
     assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(reference, sharded)) < EXACT_ENOUGH
+
+
+def test_task_validation_at_tp2_and_zero3_matches_one_rank(two_rank_runs, tmp_path):
+    from rdp.pretrain.train import train
+
+    train(config(tmp_path / "one", *TASK_VALIDATION), progress=False)
+    train(config(tmp_path / "accum", *TASK_VALIDATION, "train.grad_accum_steps=2"), progress=False)
+    for sharded, reference in (("tp2_task", tmp_path / "one"), ("dp2_zero3_task", tmp_path / "accum")):
+        got, expected = metrics(two_rank_runs[sharded]), metrics(reference)
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, expected)) < EXACT_ENOUGH
+        validated = [r for r in got if "validation" in r]
+        assert [r["step"] for r in validated] == [2] and set(validated[0]["validation"]) == {"easy", "hard16", "hard32"}
+        assert validated[0]["validation"] == expected[1]["validation"], sharded
 
 
 # ---- checkpoints and resume ---------------------------------------------------------------------------

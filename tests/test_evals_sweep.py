@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from rdp.evals.reasoning import TASKS, ReasoningStream, composition_table
 from rdp.evals.testing import write_gsm8k_jsonl, write_tiny_checkpoint
 from rdp.launch.cli import main as rdp
 
@@ -48,37 +47,43 @@ def test_sweep_writes_json_table_plot_and_resumes(checkpoint, tmp_path, monkeypa
     assert rdp(argv + ["--init-scale", "1.0"]) == 2
 
 
-def test_reasoning_tasks_are_exact_running_states():
-    parity = TASKS["parity"]
-    inputs, labels = parity.batch(seed=3, first_index=0, count=4, length=16)
-    assert (labels == inputs.cumsum(-1) % 2).all()
-    s3 = TASKS["s3"]
-    table = composition_table(3)
-    inputs, labels = s3.batch(seed=3, first_index=0, count=2, length=8)
-    for row_in, row_out in zip(inputs.tolist(), labels.tolist()):
-        state = row_in[0]
-        for item, label in zip(row_in[1:], row_out[1:]):
-            state = table[state, item]
-            assert label == state
-    inputs, labels = TASKS["squaring"].batch(seed=3, first_index=0, count=2, length=6)
-    for r, row in zip(inputs[:, 0].tolist(), labels.tolist()):
-        assert row == [pow(r, 2 ** (i + 1), 107) for i in range(6)]
-    # the stream's position is global: two ranks together see what one rank sees
-    one = ReasoningStream("s5", 8, 128, micro_batch_size=4, seed=1)
-    ranks = [ReasoningStream("s5", 8, 128, micro_batch_size=2, seed=1, rank=r, world_size=2) for r in range(2)]
-    whole = one.next_batch()[0]
-    assert (whole[:2] == ranks[0].next_batch()[0]).all() and (whole[2:] == ranks[1].next_batch()[0]).all()
-    assert ranks[0].state_dict()["position"] == one.state_dict()["position"] == 4
-
-
-def test_reasoning_command_trains_with_the_normal_trainer_and_sweeps(tmp_path):
-    out = tmp_path / "parity"
-    assert rdp(["reasoning", "parity", "--steps", "2", "--depths", "1,2", "--examples", "8", "--out", str(out),
-                "--no-progress", "train.micro_batch_size=4"]) == 0
+def test_reasoning_command_trains_on_a_task_directory_and_sweeps_every_split(tmp_path, capsys):
+    """`rdp reasoning DIR`: sized from the task, trained through the normal trainer, every
+    test split swept; then `rdp eval --tasks DIR` scores the same checkpoint."""
+    task = tmp_path / "copy"
+    task.mkdir()
+    rows = {"train": [([1, 2, 3], [-100, 2, 3], 1), ([4, 5], [-100, 5], 1)],
+            "short": [([1, 2], [-100, 2], 1), ([6, 7], [-100, 7], 1)],
+            "long": [([1, 2, 3, 4, 5], [-100, 2, 3, 4, 5], 2), ([8, 9, 10], [-100, -100, 10], 3)]}
+    for split, lines in rows.items():
+        (task / f"{split}.jsonl").write_text("".join(json.dumps({"input": x, "labels": y, "difficulty": d}) + "\n"
+                                                     for x, y, d in lines))
+    out = tmp_path / "run"
+    assert rdp(["reasoning", str(task), "--steps", "2", "--depths", "1,2", "--out", str(out), "--no-progress",
+                "train.micro_batch_size=4", "train.eval_every=1", "train.eval_depths=[1,2]"]) == 0
     assert (out / "train" / "checkpoints" / "latest").exists()
+    config = (out / "train" / "config.yaml").read_text()
+    assert "vocab_size: 11" in config and "seq_len: 5" in config
     document = json.loads((out / "eval" / "results.json").read_text())
-    assert set(document["results"]) == {"parity/easy", "parity/hard32", "parity/hard64"}
-    assert (out / "eval" / "results.png").exists()
+    assert set(document["results"]) == {"copy/short", "copy/long"}
+    entry = document["results"]["copy/long"]["2"]
+    assert set(entry["all"]) == {"exact_match", "position_accuracy", "accuracy_by_difficulty", "examples"}
+    assert set(entry["all"]["accuracy_by_difficulty"]) == {"2", "3"} and entry["all"]["examples"] == 2
+    assert (out / "eval" / "results.png").exists() and "copy/long" in (out / "eval" / "results.md").read_text()
+    # validation during training: each step, every test split at every eval depth
+    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [set(r["validation"]) for r in records] == [{"short", "long"}] * 2
+    assert set(records[-1]["validation"]["long"]) == {"1", "2"}
+    capsys.readouterr()
+    assert rdp(["eval", str(out / "train"), "--tasks", str(task), "--depths", "2", "--out", str(tmp_path / "ev"),
+                "--no-progress"]) == 0
+    again = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]["copy/long"]["2"]
+    assert again["all"] == entry["all"]
+    # a directory without a test split cannot be swept
+    (tmp_path / "only_train").mkdir()
+    (tmp_path / "only_train" / "train.jsonl").write_text((task / "train.jsonl").read_text())
+    assert rdp(["reasoning", str(tmp_path / "only_train"), "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "missing test split" in capsys.readouterr().err
 
 
 def test_harness_cli_takes_lm_eval_flags(checkpoint, tmp_path, monkeypatch, capsys):
