@@ -97,7 +97,7 @@ def pointer_chasing(out: Path, args: argparse.Namespace) -> dict:
     from rdp.evals.reasoning import train_and_sweep
 
     sweep = train_and_sweep(TASK, str(out), "reasoning", args.overrides, steps=args.steps, depths=DEPTHS,
-                            examples=args.examples, progress=not args.no_progress)
+                            examples=args.examples, progress=not args.no_progress, echo=False)
     splits = BUILTIN_TASKS[TASK].splits()
     curve = curves(sweep.document)
     line = summary_line(curve, splits)

@@ -54,7 +54,7 @@ def score_split(model, task: Task | str, split: str, depth: int, num_examples: i
 
 def train_and_sweep(task_spec: str, out: str | None, preset: str = "reasoning", overrides: list[str] | None = None,
                     steps: int | None = None, depths: list[int] | None = None, examples: int = 256,
-                    progress: bool = True):
+                    progress: bool = True, echo: bool = True):
     """`rdp reasoning`: train through the normal trainer (DeepSpeed engine, checkpoints,
     resume) on the task's train split, then sweep every test split at every depth."""
     from pathlib import Path
@@ -76,6 +76,6 @@ def train_and_sweep(task_spec: str, out: str | None, preset: str = "reasoning", 
     train(config, progress=progress)
     cfg = SweepConfig(checkpoint=str(run_dir), tasks=[task_spec], depths=list(depths or [1, 2, 4, 8, 16, 32]),
                       out_dir=str(out / "eval"), reasoning_examples=examples, seed=config.data.seed)
-    sweep = Sweep(cfg, progress=progress)
+    sweep = Sweep(cfg, progress=progress, echo=echo)
     sweep.run()
     return sweep

@@ -102,7 +102,7 @@ def default_out_dir(checkpoint) -> Path:
 
 
 class Sweep:
-    def __init__(self, cfg: SweepConfig, overwrite: bool = False, progress: bool = True):
+    def __init__(self, cfg: SweepConfig, overwrite: bool = False, progress: bool = True, echo: bool = True):
         if not cfg.tasks or not cfg.depths:
             raise SweepError("give at least one task (--tasks) and one depth (--depths)")
         if any(d < 1 for d in cfg.depths):
@@ -127,7 +127,7 @@ class Sweep:
             raise SweepError("--fewshot_as_multiturn needs --apply_chat_template")
         from rdp.evals.checkpoint_info import describe_checkpoint
 
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress, self.echo = cfg, progress, echo  # echo: a line per finished (task, depth)
         self.checkpoint = describe_checkpoint(cfg.checkpoint)  # one concrete directory from here on
         self.out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(self.checkpoint)
         self.path = self.out / RESULTS_FILE
@@ -275,8 +275,9 @@ class Sweep:
             self.document["results"].setdefault(row, {})[str(depth)] = entry
             _atomic_write(self.path, json.dumps(self.document, indent=2))
             stderr = f" ± {entry['stderr']:.3f}" if entry.get("stderr") is not None else ""
-            bar.write(f"rdp eval: {row} r={depth}: {entry['metric']} {entry['score']:.4f}{stderr} "
-                      f"(mean steps {entry['mean_steps']:.2f}, {entry['seconds']:.1f}s)")
+            if self.echo:
+                bar.write(f"rdp eval: {row} r={depth}: {entry['metric']} {entry['score']:.4f}{stderr} "
+                          f"(mean steps {entry['mean_steps']:.2f}, {entry['seconds']:.1f}s)")
             bar.update(1)
         bar.close()
         self.write_reports()
