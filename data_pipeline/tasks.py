@@ -185,9 +185,14 @@ class TaskScore:
     positions: int = 0
     positions_right: int = 0
     by_difficulty: dict[int, list[int]] = field(default_factory=dict)  # difficulty -> [exact, examples]
+    loss_sum: Optional[float] = None  # cross-entropy summed over scored positions, when logits are given
 
-    def add(self, predictions: torch.Tensor, labels: torch.Tensor, difficulty: torch.Tensor) -> None:
+    def add(self, predictions: torch.Tensor, labels: torch.Tensor, difficulty: torch.Tensor,
+            logits: Optional[torch.Tensor] = None) -> None:
         scored = labels != IGNORE
+        if logits is not None:
+            self.loss_sum = (self.loss_sum or 0.0) + float(torch.nn.functional.cross_entropy(
+                logits.flatten(0, -2).float(), labels.flatten().to(logits.device), ignore_index=IGNORE, reduction="sum"))
         right = (predictions == labels) & scored
         whole = (right | ~scored).all(dim=-1)
         self.examples += len(labels)
@@ -203,6 +208,8 @@ class TaskScore:
     def summary(self) -> dict:
         out = {"exact_match": self.exact / max(1, self.examples),
                "position_accuracy": self.positions_right / max(1, self.positions), "examples": self.examples}
+        if self.loss_sum is not None:
+            out["loss"] = self.loss_sum / max(1, self.positions)
         if self.by_difficulty:
             out["accuracy_by_difficulty"] = {str(d): right / n for d, (right, n) in sorted(self.by_difficulty.items())}
         return out

@@ -45,7 +45,7 @@ def score_split(model, task: Task | str, split: str, depth: int, num_examples: i
     for first in range(0, count, batch_size):
         batch = task.batch(split, first, min(batch_size, count - first), seed)
         logits = model(batch.inputs.to(device), num_steps=(depth, 0), init_scale=0.0).logits
-        score.add(logits.argmax(-1).cpu(), batch.labels, batch.difficulty)
+        score.add(logits.argmax(-1).cpu(), batch.labels, batch.difficulty, logits.cpu())
     out = score.summary()
     accuracy = out["exact_match"]
     out["stderr"] = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(1, count))

@@ -78,13 +78,16 @@ class Validator:
         return wanted if available is None else min(wanted, available)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _predictions(self, inputs: torch.Tensor, depth: int) -> torch.Tensor:
+    def _logits(self, inputs: torch.Tensor, depth: int) -> torch.Tensor:
         logits = self.engine(inputs.to(self.device), None, depth, init_scale=0.0, return_logits=True)
-        if self.tp_size > 1:  # each TP rank holds a slice of the vocabulary
-            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+        if self.tp_size > 1:  # each TP rank holds a slice of the vocabulary (padding at -inf)
+            import torch.distributed as dist
+            from megatron.core import parallel_state
 
-            logits = gather_from_tensor_model_parallel_region(logits)
-        return logits.argmax(-1).cpu()
+            pieces = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            dist.all_gather(pieces, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            logits = torch.cat(pieces, dim=-1)
+        return logits[..., :self.config.model.vocab_size].cpu()
 
     @torch.no_grad()
     def run(self) -> dict:
@@ -109,7 +112,8 @@ class Validator:
                 score = TaskScore()
                 for first in range(0, count, mb):
                     batch = self.task.batch(split, first, min(mb, count - first), seed)
-                    score.add(self._predictions(batch.inputs, depth), batch.labels, batch.difficulty)
+                    logits = self._logits(batch.inputs, depth)
+                    score.add(logits.argmax(-1), batch.labels, batch.difficulty, logits)
                 results[split][str(depth)] = score.summary()
         return results
 

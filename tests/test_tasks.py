@@ -153,6 +153,11 @@ def test_scores_count_whole_examples_positions_and_difficulties():
     score = TaskScore()
     labels = torch.tensor([[-100, 1, 2], [-100, 3, 4], [5, 6, -100]])
     predictions = torch.tensor([[9, 1, 2], [0, 3, 0], [5, 6, 7]])
-    score.add(predictions, labels, torch.tensor([1, 2, 2]))
-    assert score.summary() == {"exact_match": 2 / 3, "position_accuracy": 5 / 6, "examples": 3,
-                               "accuracy_by_difficulty": {"1": 1.0, "2": 0.5}}
+    logits = torch.nn.functional.one_hot(predictions, 10).float() * 2.0
+    score.add(predictions, labels, torch.tensor([1, 2, 2]), logits)
+    summary = score.summary()
+    # CE of a logit-2 one-hot: right: log(e^2 + 9) - 2, wrong: log(e^2 + 9)
+    lse = np.log(np.exp(2.0) + 9)
+    assert abs(summary.pop("loss") - (5 * (lse - 2) + lse) / 6) < 1e-6
+    assert summary == {"exact_match": 2 / 3, "position_accuracy": 5 / 6, "examples": 3,
+                       "accuracy_by_difficulty": {"1": 1.0, "2": 0.5}}
