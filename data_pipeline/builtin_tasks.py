@@ -141,6 +141,6 @@ BUILTIN_TASKS = {task.name: task for task in (
     BuiltinTask("squaring", squaring, PRIME + 1, 6, (12, 24), "repeated squaring mod 107"),
     BuiltinTask("prefix_sums", prefix_sums, 3, 16, (32, 64),
                 "prefix sums mod 2 of a bit string, asked after the whole string (deep-thinking's task)"),
-    BuiltinTask("pointer_chasing", pointer_chasing, NO_EDGE + 1, 4, (6, 8, 12),
+    BuiltinTask("pointer_chasing", pointer_chasing, NO_EDGE + 1, 4, (6, 8),
                 "12 nodes in chains, one token per edge; every node asks for the last node of its chain"),
 )}
