@@ -16,7 +16,10 @@ def _given(preset, overrides: list[str]) -> dict[str, str]:
     """Keys the preset or an override sets, with their values as written."""
     given = {}
     if preset is not None:
-        layer = OmegaConf.load(resolve_preset(preset))
+        try:
+            layer = OmegaConf.load(resolve_preset(preset))
+        except Exception:  # noqa: BLE001 - load_config reports a broken preset, naming file and line
+            layer = OmegaConf.create({})
         for key in ("data.source", *SIZED, *SPECIAL_IDS):
             value = OmegaConf.select(layer, key)
             if value is not None:

@@ -89,8 +89,9 @@ def two_rank_runs(tmp_path_factory):
     scenarios = dict(TWO_RANK, dp1_to_dp2=["train.max_steps=6", "parallel.zero_stage=2",
                                            f"train.resume={root / 'dp1_zero2' / 'checkpoints' / 'step_00000003'}"])
     spec = write_spec(root / "spec.json", {str(root / name): extra for name, extra in scenarios.items()})
+    # seven runs in one launch: minutes on a shared, loaded machine
     launch([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(Path(__file__)), "worker", str(spec)])
+            str(Path(__file__)), "worker", str(spec)], timeout=840)
     return {name: root / name for name in [*scenarios, "dp1_zero2"]}
 
 

@@ -67,7 +67,7 @@ def test_reasoning_command_trains_on_a_task_directory_and_sweeps_every_split(tmp
     document = json.loads((out / "eval" / "results.json").read_text())
     assert set(document["results"]) == {"copy/short", "copy/long"}
     entry = document["results"]["copy/long"]["2"]
-    assert set(entry["all"]) == {"exact_match", "position_accuracy", "accuracy_by_difficulty", "examples"}
+    assert set(entry["all"]) == {"exact_match", "position_accuracy", "accuracy_by_difficulty", "examples", "loss"}
     assert set(entry["all"]["accuracy_by_difficulty"]) == {"2", "3"} and entry["all"]["examples"] == 2
     assert (out / "eval" / "results.png").exists() and "copy/long" in (out / "eval" / "results.md").read_text()
     # validation during training: each step, every test split at every eval depth
