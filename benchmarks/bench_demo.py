@@ -7,14 +7,15 @@ it, and checks the pointer-chasing curves against the targets:
 
     .venv/bin/python benchmarks/bench_demo.py [--out DIR] [demo options, e.g. --steps 3000]
 
-Prints the load average next to the wall time: on a shared machine the time is not the
-idle-machine figure.
+Prints the load average and the CPU time next to the wall time: on a shared machine the
+wall time is not the idle-machine figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,14 +42,16 @@ def main() -> int:
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     load_after = os.getloadavg()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = usage.ru_utime + usage.ru_stime
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n")
         return done.returncode
     document = json.loads((out / "pointer_chasing.json").read_text())
     curves, levels = document["exact_match"], document["difficulty"]
     print(f"command: {' '.join(command[1:])}")
-    print(f"rdp demo wall time: {seconds:.0f} s on {os.cpu_count()} CPUs; load average before "
-          f"{load_before[0]:.1f}, after {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")
+    print(f"rdp demo wall time: {seconds:.0f} s on {os.cpu_count()} CPUs (CPU time {cpu_seconds:.0f} s); load average "
+          f"before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")
     print(f"pointer chasing, exact match by test-time depth ({document['examples_per_point']} held-out examples "
           f"per point):")
     print("depth " + "".join(f"{s + ' (' + str(levels[s]) + ')':>14}" for s in curves))
