@@ -132,6 +132,7 @@ class Sweep:
         self.out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(self.checkpoint)
         self.path = self.out / RESULTS_FILE
         self._model = self._tokenizer = self._task_manager = None
+        self._reasoning: dict[str, dict[int, dict]] = {}  # row -> depth -> scores, from one pass
         self.plan = self._plan_tasks()  # unknown task names fail here, before any tokenizer or model loads
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint.expect(cfg.weights_sha256)
@@ -223,9 +224,13 @@ class Sweep:
     def evaluate(self, row: str, task: str, depth: int) -> dict:
         c = self.cfg
         if is_reasoning_task(task):
-            from rdp.evals.reasoning import score_split
+            from rdp.evals.reasoning import score_split_depths
 
-            scores = score_split(self.model(), task, row.rsplit("/", 1)[1], depth, c.reasoning_examples, seed=c.seed)
+            if depth not in self._reasoning.get(row, {}):  # every depth still to do, in one pass
+                todo = {d for d in c.depths if str(d) not in self.document["results"].get(row, {})} | {depth}
+                self._reasoning[row] = score_split_depths(self.model(), task, row.rsplit("/", 1)[1], sorted(todo),
+                                                          c.reasoning_examples, seed=c.seed)
+            scores = dict(self._reasoning[row][depth])
             return {"score": scores["exact_match"], "stderr": scores.pop("stderr"), "metric": "exact_match",
                     "all": scores, "mean_steps": float(depth)}
         lm = self.lm(depth)

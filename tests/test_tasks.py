@@ -161,3 +161,20 @@ def test_scores_count_whole_examples_positions_and_difficulties():
     assert abs(summary.pop("loss") - (5 * (lse - 2) + lse) / 6) < 1e-6
     assert summary == {"exact_match": 2 / 3, "position_accuracy": 5 / 6, "examples": 3,
                        "accuracy_by_difficulty": {"1": 1.0, "2": 0.5}}
+
+
+@torch.no_grad()
+def test_one_pass_over_depths_equals_a_forward_per_depth():
+    from rdp.evals.reasoning import depth_logits, score_split, score_split_depths
+    from rdp.pretrain.model import build_model
+    from rdp.pretrain.task_sizing import load_task_config
+
+    model = build_model(load_task_config("reasoning").model, seed=3).eval()
+    inputs = load_task("pointer_chasing").batch("hard6", 0, 8, seed=1).inputs
+    seen = []
+    for depth, logits in depth_logits(model, inputs, [1, 3, 7]):
+        assert torch.equal(logits, model(inputs, num_steps=(depth, 0), init_scale=0.0).logits)
+        seen.append(depth)
+    assert seen == [1, 3, 7]
+    together = score_split_depths(model, "pointer_chasing", "hard6", [2, 5], num_examples=24, batch_size=16)
+    assert together[5] == score_split(model, "pointer_chasing", "hard6", 5, num_examples=24, batch_size=16)
