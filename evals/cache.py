@@ -16,6 +16,10 @@ never wrote.
 
 Left-padded batches: give `pad_lengths` (left pads per row); `attention_mask()` then hides
 pad keys from real queries. Pads attend to themselves only, so they stay finite.
+
+`StepKVCache` holds the ``full`` layout in buffers allocated once per generation and
+written in place at an explicit position, so speculative decoding can overwrite the
+entries of rejected draft tokens (evals/speculative.py).
 """
 from __future__ import annotations
 
@@ -108,11 +112,7 @@ class RecurrentKVCache:
         """(batch, 1, q_len, k_len) bool, True = may attend; None when nothing is padded."""
         if self.pad_lengths is None or not bool((self.pad_lengths > 0).any()):
             return None
-        device = self.pad_lengths.device
-        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        k_pos = torch.arange(k_len, device=device)[None, :]
-        real_key = k_pos[None] >= self.pad_lengths[:, None, None]
-        return ((k_pos <= q_pos) & (real_key | (k_pos == q_pos)))[:, None]
+        return causal_padding_mask(q_len, k_len, self.pad_lengths, self.pad_lengths.device)
 
     def num_entries(self) -> int:
         """Stored (key, value) tensors; bounded strategies keep this independent of depth."""
@@ -121,6 +121,62 @@ class RecurrentKVCache:
     def nbytes(self) -> int:
         tensors = [t for pair in (*self.latest.values(), *self.slots.values()) for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def causal_padding_mask(q_len: int, k_len: int, pad_lengths: Optional[torch.Tensor],
+                        device) -> torch.Tensor:
+    """Bool mask, True = may attend, for the last q_len of k_len positions: causal, and with
+    `pad_lengths` (left pads per row) pad keys hidden from every query but themselves.
+    (batch, 1, q_len, k_len), or (1, 1, q_len, k_len) without pads."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    causal = k_pos <= q_pos
+    if pad_lengths is None:
+        return causal[None, None]
+    real_key = k_pos[None] >= pad_lengths[:, None, None]
+    return (causal & (real_key | (k_pos == q_pos)))[:, None]
+
+
+class StepKVCache:
+    """The ``full`` layout (one entry per layer and recurrence step) in buffers of
+    `capacity` positions, allocated on first use and written in place.
+
+    The caller sets `position` (where the next forward's first token goes) before each
+    forward; a forward of n tokens writes positions [position, position + n) of every
+    (layer, step) it runs and attends to [0, position + n). Entries past that are stale
+    (rejected draft tokens) and are overwritten by later forwards, never read.
+    """
+
+    def __init__(self, capacity: int, pad_lengths: Optional[torch.Tensor] = None):
+        self.capacity = capacity
+        self.position = 0
+        self.pad_lengths = pad_lengths if pad_lengths is not None and bool((pad_lengths > 0).any()) else None
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mask_shape: Optional[tuple[int, int]] = None
+        self._mask: Optional[torch.Tensor] = None
+
+    def update(self, key: tuple[int, int], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.position, self.position + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"StepKVCache holds {self.capacity} positions; a forward asked for {end}")
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            shape = (*k.shape[:-2], self.capacity, k.shape[-1])
+            buffer = self.buffers[key] = (k.new_empty(shape), v.new_empty(shape))
+        buffer[0][..., start:end, :] = k
+        buffer[1][..., start:end, :] = v
+        return buffer[0][..., :end, :], buffer[1][..., :end, :]
+
+    def attention_mask(self, q_len: int, k_len: int) -> torch.Tensor:
+        # every layer of a forward asks for the same mask: build it once per shape
+        if self._mask_shape != (q_len, k_len):
+            device = next(iter(self.buffers.values()))[0].device
+            self._mask = causal_padding_mask(q_len, k_len, self.pad_lengths, device)
+            self._mask_shape = (q_len, k_len)
+        return self._mask
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.buffers.values() for t in pair)
 
 
 class ProbeView:

@@ -39,6 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--exit-threshold", type=float, default=None)
     ev.add_argument("--cache", default="full", help="KV cache for generation: full, latest, modulo or none")
     ev.add_argument("--cache-slots", type=int, default=4)
+    ev.add_argument("--continuous-compute", action="store_true",
+                    help="generation: start each token's state from the previous token's final state (changes results)")
     ev.add_argument("--max-gen-toks", type=int, default=None)
     ev.add_argument("--tokenizer", default=None, help="tokenizer.json / sentencepiece .model (default: found next to the checkpoint)")
     ev.add_argument("--gsm8k-path", default=None, help="local GSM8K jsonl (dir with test.jsonl[, train.jsonl]) for offline runs")
@@ -91,7 +93,7 @@ def run_eval(args: argparse.Namespace) -> int:
         out_dir=args.out, limit=args.limit, num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, init_scale=args.init_scale,
         exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold, cache=args.cache,
-        cache_slots=args.cache_slots, max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer,
+        cache_slots=args.cache_slots, continuous_compute=args.continuous_compute, max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer,
         gsm8k_path=args.gsm8k_path, humaneval_samples=args.humaneval_samples, humaneval_k=args.humaneval_k,
         humaneval_temperature=args.humaneval_temperature, reasoning_examples=args.reasoning_examples, seed=args.seed,
         unsafe_no_sandbox=args.unsafe_no_sandbox, include_path=args.include_path,

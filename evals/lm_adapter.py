@@ -58,8 +58,9 @@ class RecurrentDepthLM(TemplateLM):
     """model_args: checkpoint, num_steps, init_scale, dtype, device, batch_size,
     exit_criterion, exit_threshold, cache (full|latest|modulo|none), cache_slots,
     tokenizer, seed, max_length, add_bos (default: as the checkpoint was trained),
-    chat_template (file or text; default: beside the tokenizer). `model=` / `tokenizer=`
-    may also be objects (Python use)."""
+    chat_template (file or text; default: beside the tokenizer), continuous_compute
+    (true|false), draft_steps (0 = no self-drafts), lookup_drafts (true|false). `model=` /
+    `tokenizer=` may also be objects (Python use)."""
 
     instances: list["RecurrentDepthLM"] = []  # lets the CLI report mean steps after a run
 
@@ -68,7 +69,7 @@ class RecurrentDepthLM(TemplateLM):
                  exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
                  cache: str = "full", cache_slots: int = 4, tokenizer=None, seed: int = 1234,
                  max_length: Optional[int] = None, model=None, add_bos=None, chat_template: Optional[str] = None,
-                 **unused):
+                 continuous_compute=False, draft_steps: Optional[int] = None, lookup_drafts=True, **unused):
         super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI defaults to cuda:0; like its HF model, fall back rather than fail
@@ -90,7 +91,8 @@ class RecurrentDepthLM(TemplateLM):
         self.settings = DepthSettings(num_steps=int(num_steps), init_scale=float(init_scale), cache=str(cache),
                                       cache_slots=int(cache_slots), exit_criterion=exit_criterion,
                                       exit_threshold=None if exit_threshold is None else float(exit_threshold),
-                                      seed=int(seed))
+                                      seed=int(seed), continuous_compute=_flag(continuous_compute, "continuous_compute"),
+                                      draft_steps=None if draft_steps is None else int(draft_steps))
         self.runner = DepthRunner(model, self.settings, eos_token_id=self.tok.eos_id)
         self._batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or model.config.max_seq_len)
@@ -232,10 +234,10 @@ class RecurrentDepthLM(TemplateLM):
         return [cut_at_stop(self.tok.decode(tokens), until) for tokens in outputs]
 
 
-def _flag(value) -> bool:
+def _flag(value, name: str = "add_bos") -> bool:
     if isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"rdp: add_bos must be true or false, got {value!r}")
+            raise ValueError(f"rdp: {name} must be true or false, got {value!r}")
         return value.lower() in ("true", "1")
     return bool(value)
 

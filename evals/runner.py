@@ -1,7 +1,9 @@
 """Scoring and generation at a chosen test-time depth, on the model's one forward.
 
 Fixed depth runs batched: right padding for scoring (causal attention makes trailing pads
-harmless), left padding with a masked KV cache for generation. Adaptive exit runs one
+harmless), left padding with a masked KV cache for generation. Greedy fixed-depth
+generation decodes self-speculatively (evals/speculative.py): the same tokens as the
+full-depth forward, fewer core steps run one token at a time. Adaptive exit runs one
 sequence at a time (the spec: batched adaptive runs flatter the results), driving the
 model's public pieces (embed, prelude, initial_state, core_step, decode) token by token.
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from rdp.evals.adaptive import ExitCriterion
 from rdp.evals.cache import ProbeView, RecurrentKVCache
+from rdp.evals.speculative import DraftStats, RecurrentDecoder, auto_draft_steps
 
 CACHE_CHOICES = ("full", "latest", "modulo", "none")
 
@@ -28,6 +31,13 @@ class DepthSettings:
     exit_criterion: Optional[str] = None  # kl | entropy-diff | latent-diff | argmax-stability | cosine | learned
     exit_threshold: Optional[float] = None
     seed: int = 1234
+    # warm-start each generated token's state from the previous token's final state
+    # (huginn-0125's "continuous CoT"); changes the outputs, so off unless asked for
+    continuous_compute: bool = False
+    # self-speculative greedy decoding: draft at this many core steps (None = a quarter of
+    # num_steps, 0 = off), at most draft_tokens tokens a round; never changes the tokens
+    draft_steps: Optional[int] = None
+    draft_tokens: int = 8
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -40,6 +50,22 @@ class DepthSettings:
             self.exit_criterion = None
         if self.exit_criterion is not None:
             ExitCriterion(self.exit_criterion, self.exit_threshold)  # validates the name
+        if self.draft_steps is not None and not 0 <= self.draft_steps < self.num_steps:
+            raise ValueError(f"draft_steps must be in [0, num_steps={self.num_steps}), got {self.draft_steps}")
+        if self.draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.continuous_compute and (self.exit_criterion is not None or self.cache == "none"):
+            raise ValueError("continuous_compute needs fixed-depth generation with a KV cache "
+                             "(no exit_criterion, cache != none)")
+
+    def resolved_draft_steps(self) -> int:
+        return auto_draft_steps(self.num_steps) if self.draft_steps is None else self.draft_steps
+
+    def full_cache_layout(self) -> bool:
+        """Whether the cache strategy keeps every (layer, step) entry, i.e. reproduces the
+        uncached forward: full, modulo with a slot per step, anything at depth 1."""
+        return (self.cache == "full" or self.num_steps == 1
+                or (self.cache == "modulo" and self.cache_slots >= self.num_steps))
 
 
 @dataclass
@@ -68,6 +94,7 @@ class DepthRunner:
         self.max_len = cfg.max_seq_len
         self.generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.steps_used: list[int] = []  # core steps spent on each token that was adaptive
+        self.draft_stats = DraftStats()  # what self-speculative decoding drafted and kept
         if settings.exit_criterion == "learned" and "exit_gate" not in model.transformer:
             raise ValueError("--exit-criterion learned needs a model trained with an exit gate (model.exit_gate=true); "
                              "this checkpoint has none")
@@ -187,7 +214,16 @@ class DepthRunner:
                 raise ValueError(f"prompt {row} has {len(prompt)} tokens, more than model.max_seq_len={self.max_len}")
         if self.adaptive or self.settings.cache == "none":
             return [self._generate_one(row, p, params, budget[row], should_stop) for row, p in enumerate(prompts)]
-        return self._generate_batch(prompts, params, budget, should_stop)
+        return RecurrentDecoder(self, self.can_speculate(params), self.draft_stats).generate(
+            prompts, params, budget, should_stop)
+
+    def can_speculate(self, params: SamplingParams) -> bool:
+        """Speculation returns exactly the sequential tokens only for greedy choices of a
+        deterministic forward (no random initial state, no state carried between tokens)
+        whose cache keeps every step (a shallower draft must read exact step-s entries)."""
+        s = self.settings
+        return (params.greedy and s.init_scale == 0 and not s.continuous_compute
+                and s.full_cache_layout() and s.resolved_draft_steps() > 0)
 
     def _finished(self, row: int, tokens: list[int], budget: int, should_stop) -> bool:
         if len(tokens) >= budget:
@@ -197,6 +233,8 @@ class DepthRunner:
         return bool(tokens) and should_stop is not None and should_stop(row, tokens)
 
     def _generate_batch(self, prompts, params, budget, should_stop) -> list[list[int]]:
+        """One token at a time through the model's forward with a RecurrentKVCache (the
+        cached path before speculative decoding; kept for benchmarks/bench_generation.py)."""
         width = max(len(p) for p in prompts)
         pads = torch.tensor([width - len(p) for p in prompts], device=self.device)
         batch = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=self.device)

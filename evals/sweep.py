@@ -50,6 +50,7 @@ class SweepConfig:
     exit_threshold: Optional[float] = None
     cache: str = "full"
     cache_slots: int = 4
+    continuous_compute: bool = False
     max_gen_toks: Optional[int] = None
     tokenizer: Optional[str] = None
     gsm8k_path: Optional[str] = None
@@ -111,7 +112,8 @@ class Sweep:
             from rdp.evals.runner import DepthSettings
 
             DepthSettings(num_steps=1, cache=cfg.cache, cache_slots=cfg.cache_slots,
-                          exit_criterion=cfg.exit_criterion, exit_threshold=cfg.exit_threshold)
+                          exit_criterion=cfg.exit_criterion, exit_threshold=cfg.exit_threshold,
+                          continuous_compute=cfg.continuous_compute)
         except ValueError as exc:
             raise SweepError(str(exc)) from None
         if "humaneval" in cfg.tasks and not cfg.unsafe_no_sandbox:  # refuse now, not after the other tasks
@@ -196,7 +198,8 @@ class Sweep:
                                                   add_bos=self.checkpoint.add_bos, chat_template=c.chat_template)
         return RecurrentDepthLM(model=self.model(), tokenizer=self._tokenizer, num_steps=depth,
                                 init_scale=c.init_scale, batch_size=c.batch_size, exit_criterion=c.exit_criterion,
-                                exit_threshold=c.exit_threshold, cache=c.cache, cache_slots=c.cache_slots, seed=c.seed)
+                                exit_threshold=c.exit_threshold, cache=c.cache, cache_slots=c.cache_slots, seed=c.seed,
+                                continuous_compute=c.continuous_compute)
 
     def task_manager(self):
         if self._task_manager is None:
