@@ -1,20 +1,25 @@
 """Greedy generation speed at a fixed depth, side by side in one run: the uncached forward
 (cache=none, the reference), the cached path before speculative decoding (RecurrentKVCache
 "full", one token at a time through the model's forward), the new cached path without
-speculation (draft_steps=0) and the default (self-speculative). Every path must return the
-reference's tokens; the script says so per line and exits 1 if one does not.
+speculation, with self-drafts only, with lookup drafts only, and the default (both). Every path must return the
+reference's tokens; each line says so, and the script exits 1 if one does not.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_generation.py [--preset small] [--depth 8] \\
-        [--batch 1] [--prompt-len 64] [--new-tokens 64] [--checkpoint RUN_DIR] [--threads 1]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_generation.py \\
+        [--preset tiny] [--depth 8] [--batch 1] [--prompt-len 64] [--new-tokens 64] [--threads 1]
 
-Without --checkpoint the model is randomly initialised (seed 0); a trained checkpoint
-usually lets shallower drafts agree more often (see the acceptance column).
+Two models of the preset, each with all four paths: randomly initialised (seed 0), and
+trained for --train-steps steps (default 80, the tiny preset's own run) by the normal
+trainer on the built-in synthetic corpus. Speculation pays when shallow drafts agree with
+the full depth, which needs a recurrence that converges: a trained model's does, a random
+one's mostly does not (see the acceptance line). --checkpoint DIR benchmarks that model
+instead of training one.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -23,32 +28,95 @@ import torch  # noqa: E402
 
 from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams  # noqa: E402
 
+PATHS = ("uncached (cache=none)", "cached before (RecurrentKVCache)", "cached, no speculation",
+         "self-drafts only", "lookup drafts only", "default (self + lookup drafts)")
 
-def load_model(args):
-    if args.checkpoint:
-        from rdp.evals.lm_adapter import load_checkpoint
 
-        return load_checkpoint(args.checkpoint), args.checkpoint
+def random_model(preset: str):
     from rdp.pretrain.config import load_config
     from rdp.pretrain.model import build_model
 
-    return build_model(load_config(args.preset).model, seed=0).eval(), f"preset {args.preset} (random init, seed 0)"
+    return build_model(load_config(preset).model, seed=0).eval()
 
 
-def timed(fn, repeats: int) -> tuple[float, list]:
-    """Best wall time of `repeats` runs (the least disturbed by other load) and the output."""
-    best, out = float("inf"), None
+def trained_model(preset: str, steps: int, run_dir: str):
+    from rdp.evals.lm_adapter import load_checkpoint
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.train import train
+
+    overrides = [f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
+                 "train.eval_depths=[]"]
+    started = time.perf_counter()
+    train(load_config(preset, overrides), progress=False)
+    print(f"(trained {preset} for {steps} steps in {time.perf_counter() - started:.0f}s)")
+    return load_checkpoint(run_dir)
+
+
+def best_times(paths: dict, repeats: int) -> dict:
+    """Per path: the best wall time and best CPU time (this process) of `repeats` runs, taken
+    in turns so that load from other processes falls on every path alike, and the output.
+    On an idle machine with one thread both times agree; on a busy one CPU time is the
+    steadier measure of the work each path does."""
+    best = {name: [float("inf"), float("inf"), None] for name in paths}
     for _ in range(repeats):
-        started = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, out
+        for name, fn in paths.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = fn()
+            entry = best[name]
+            entry[0] = min(entry[0], time.perf_counter() - wall)
+            entry[1] = min(entry[1], time.process_time() - cpu)
+            entry[2] = out
+    return best
+
+
+def compare(model, described: str, args) -> bool:
+    vocab = min(model.config.vocab_size, model.config.bos_token_id)
+    prompts = [[(7 * i + 13 * j + j * j) % vocab for j in range(args.prompt_len)] for i in range(args.batch)]
+    params = SamplingParams(max_new_tokens=args.new_tokens)  # no EOS: every path makes new_tokens per row
+
+    def runner(**kwargs) -> DepthRunner:
+        return DepthRunner(model, DepthSettings(num_steps=args.depth, init_scale=0.0, **kwargs), eos_token_id=-1)
+
+    speculative = runner(draft_steps=args.draft_steps)
+    budget = [args.new_tokens] * len(prompts)
+    paths = dict(zip(PATHS, (
+        lambda: runner(cache="none").generate(prompts, params),
+        lambda: runner()._generate_batch(prompts, params, budget, None),
+        lambda: runner(draft_steps=0, lookup_drafts=False).generate(prompts, params),
+        lambda: runner(draft_steps=args.draft_steps, lookup_drafts=False).generate(prompts, params),
+        lambda: runner(draft_steps=0).generate(prompts, params),
+        lambda: speculative.generate(prompts, params),
+    )))
+    with torch.no_grad():
+        results = best_times(paths, args.repeats)
+    tokens = args.batch * args.new_tokens
+    reference = results[PATHS[0]][2]
+    (uncached, uncached_cpu, _), (before, before_cpu, _) = results[PATHS[0]], results[PATHS[1]]
+    print(f"\n{described}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; depth={args.depth} "
+          f"batch={args.batch} prompt={args.prompt_len} new={args.new_tokens} threads={torch.get_num_threads()} "
+          f"draft_steps={speculative.settings.resolved_draft_steps()} (best of {args.repeats})")
+    ok = True
+    print(f"  {'':32s} {'wall clock':>34s}   {'CPU time of this process':>34s}")
+    for name, (seconds, cpu, out) in results.items():
+        ok &= out == reference
+        print(f"  {name:32s} {tokens / seconds:7.1f} tok/s x{uncached / seconds:5.2f} x{before / seconds:5.2f}   "
+              f"{tokens / cpu:7.1f} tok/s x{uncached_cpu / cpu:5.2f} x{before_cpu / cpu:5.2f}   "
+              f"{'same tokens' if out == reference else 'TOKENS DIFFER'}")
+    print("  (ratios: x vs uncached, x vs cached before)")
+    s = speculative.draft_stats
+    print(f"  default, {args.repeats} runs: {s.rounds} self-draft rounds (acceptance {s.acceptance:.2f}, "
+          f"{(s.accepted + s.rounds) / max(1, s.rounds):.2f} tokens a round), {s.lookup_rounds} lookup rounds "
+          f"(acceptance {s.lookup_acceptance:.2f}, {(s.lookup_accepted + s.lookup_rounds) / max(1, s.lookup_rounds):.2f} "
+          f"tokens a round)")
+    return ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--checkpoint", default=None, help="benchmark this model instead of random + trained")
+    parser.add_argument("--models", default="random,trained", help="which of the preset's models: random, trained")
+    parser.add_argument("--train-steps", type=int, default=80)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -58,51 +126,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, described = load_model(args)
-    vocab = min(model.config.vocab_size, model.config.bos_token_id)
-    prompts = [[(7 * i + 13 * j + j * j) % vocab for j in range(args.prompt_len)] for i in range(args.batch)]
-    # no EOS, so every path generates exactly new_tokens tokens per row
-    params = SamplingParams(max_new_tokens=args.new_tokens)
-    eos = -1
-
-    def runner(**kwargs) -> DepthRunner:
-        settings = DepthSettings(num_steps=args.depth, init_scale=0.0, **kwargs)
-        return DepthRunner(model, settings, eos_token_id=eos)
-
-    def stepwise():
-        r = runner(cache="full")
-        budget = [args.new_tokens] * len(prompts)
-        return r._generate_batch(prompts, params, budget, None)
-
-    speculative = runner(cache="full", draft_steps=args.draft_steps)
-    paths = {
-        "uncached (cache=none)": lambda: runner(cache="none").generate(prompts, params),
-        "cached, before (RecurrentKVCache full)": stepwise,
-        "cached, no speculation (draft_steps=0)": lambda: runner(cache="full", draft_steps=0).generate(prompts, params),
-        "default (self-speculative)": lambda: speculative.generate(prompts, params),
-    }
-    with torch.no_grad():
-        results = {name: timed(fn, args.repeats) for name, fn in paths.items()}
-    tokens = args.batch * args.new_tokens
-    reference = results["uncached (cache=none)"][1]
-    before = results["cached, before (RecurrentKVCache full)"][0]
-    uncached = results["uncached (cache=none)"][0]
-    stats = speculative.draft_stats
-    load = os.getloadavg()
-    print(f"model: {described}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    print(f"depth={args.depth} batch={args.batch} prompt={args.prompt_len} new={args.new_tokens} "
-          f"threads={torch.get_num_threads()} draft_steps={speculative.settings.resolved_draft_steps()} "
-          f"load average at end {load[0]:.1f} on {os.cpu_count()} CPUs (best of {args.repeats})")
     ok = True
-    for name, (seconds, out) in results.items():
-        same = out == reference
-        ok &= same
-        print(f"  {name:40s} {tokens / seconds:8.1f} tok/s   x{uncached / seconds:5.2f} vs uncached   "
-              f"x{before / seconds:5.2f} vs cached-before   {'same tokens' if same else 'TOKENS DIFFER'}")
-    rounds = max(1, stats.rounds)
-    print(f"  speculation ({args.repeats} runs): {stats.rounds} drafting rounds, acceptance {stats.acceptance:.2f} "
-          f"of drafted tokens, mean draft length {stats.drafted / rounds:.2f}, "
-          f"tokens per drafting round {(stats.accepted + stats.rounds) / rounds:.2f}")
+    if args.checkpoint:
+        from rdp.evals.lm_adapter import load_checkpoint
+
+        ok &= compare(load_checkpoint(args.checkpoint), f"checkpoint {args.checkpoint}", args)
+    if "random" in args.models and not args.checkpoint:
+        ok &= compare(random_model(args.preset), f"preset {args.preset}, random init (seed 0)", args)
+    if "trained" in args.models and not args.checkpoint:
+        with tempfile.TemporaryDirectory(prefix="bench_generation_") as run_dir:
+            model = trained_model(args.preset, args.train_steps, run_dir)
+        ok &= compare(model, f"preset {args.preset}, trained {args.train_steps} steps on the synthetic corpus", args)
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} CPUs")
     return 0 if ok else 1
 
 

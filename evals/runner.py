@@ -2,8 +2,8 @@
 
 Fixed depth runs batched: right padding for scoring (causal attention makes trailing pads
 harmless), left padding with a masked KV cache for generation. Greedy fixed-depth
-generation decodes self-speculatively (evals/speculative.py): the same tokens as the
-full-depth forward, fewer core steps run one token at a time. Adaptive exit runs one
+generation decodes speculatively (evals/speculative.py): the same tokens as the full-depth
+forward, fewer core steps run one token at a time. Adaptive exit runs one
 sequence at a time (the spec: batched adaptive runs flatter the results), driving the
 model's public pieces (embed, prelude, initial_state, core_step, decode) token by token.
 """
@@ -34,9 +34,11 @@ class DepthSettings:
     # warm-start each generated token's state from the previous token's final state
     # (huginn-0125's "continuous CoT"); changes the outputs, so off unless asked for
     continuous_compute: bool = False
-    # self-speculative greedy decoding: draft at this many core steps (None = a quarter of
-    # num_steps, 0 = off), at most draft_tokens tokens a round; never changes the tokens
+    # speculative greedy decoding (never changes the tokens): self-drafts at this many core
+    # steps (None = a quarter of num_steps, 0 = none), drafts looked up in the text so far,
+    # at most draft_tokens tokens a round
     draft_steps: Optional[int] = None
+    lookup_drafts: bool = True
     draft_tokens: int = 8
 
     def __post_init__(self):
@@ -223,7 +225,7 @@ class DepthRunner:
         whose cache keeps every step (a shallower draft must read exact step-s entries)."""
         s = self.settings
         return (params.greedy and s.init_scale == 0 and not s.continuous_compute
-                and s.full_cache_layout() and s.resolved_draft_steps() > 0)
+                and s.full_cache_layout() and (s.resolved_draft_steps() > 0 or s.lookup_drafts))
 
     def _finished(self, row: int, tokens: list[int], budget: int, should_stop) -> bool:
         if len(tokens) >= budget:

@@ -1,13 +1,13 @@
-"""Fixed-depth generation with a KV cache, and self-speculative greedy decoding that returns
+"""Fixed-depth generation with a KV cache, and speculative greedy decoding that returns
 exactly the full-depth greedy tokens.
 
-Why the draft is nearly free in a recurrent-depth model: the first d core steps of a depth-n
-forward are exactly a depth-d forward (same prelude output, same initial state, and step s
-only attends to step-s keys/values). So each token runs its prelude and first d core steps
-once, one token at a time, and decodes that depth-d state to draft the next token; then all
-drafted tokens continue together from step d to step n in one forward, which checks them.
-Nothing before step d is computed twice, and the full-depth entries of every accepted token
-are already in the cache.
+Self-speculation, and why its draft is nearly free in a recurrent-depth model: the first d
+core steps of a depth-n forward are exactly a depth-d forward (same prelude output, same
+initial state, and step s only attends to step-s keys/values). So each token runs its
+prelude and first d core steps once, one token at a time, and decodes that depth-d state to
+draft the next token; then all drafted tokens continue together from step d to step n in
+one forward, which checks them. Nothing before step d is computed twice, and the full-depth
+entries of every accepted token are already in the cache.
 
 One round, with x the last accepted token (chosen, not yet run) at position p:
 
@@ -16,11 +16,17 @@ One round, with x the last accepted token (chosen, not yet run) at position p:
     verify:         positions p..p+k together: core steps d..n-1, coda, head -> z_0..z_k
     accept:         the longest prefix with t_{j+1} == z_j, plus the verifier's next token
 
-A round yields between 1 and k+1 tokens, each the argmax of the full-depth logits at its
-position; with k = 0 it is plain one-token-at-a-time decoding. In a batch every row advances
-by the shortest accepted prefix among unfinished rows (all of them are full-depth tokens for
-every row). The draft's coda reads the full-depth coda entries of accepted tokens, the
-verify overwrites the draft's coda entries.
+Lookup drafts cost nothing to make: when the text's last few tokens occurred before, the
+tokens that followed them then are the draft (prompt-lookup decoding; repeats are common in
+few-shot prompts, code and chains of thought). All k+1 tokens are then known up front and
+run the whole depth together (d = 0 in the scheme above), so a wrong lookup costs about what
+a plain token costs.
+
+Either way a round yields between 1 and k+1 tokens, each the argmax of the full-depth logits
+at its position; with k = 0 it is plain one-token-at-a-time decoding. In a batch every row
+advances by the shortest accepted prefix among unfinished rows (all of them full-depth
+tokens for every row). The draft's coda reads the full-depth coda entries of accepted
+tokens; the verify overwrites the draft's entries.
 """
 from __future__ import annotations
 
@@ -35,18 +41,27 @@ from rdp.evals.cache import RecurrentKVCache, StepKVCache
 @dataclass
 class DraftStats:
     """What speculation did during one runner's generations (for benchmarks and reports)."""
-    rounds: int = 0  # rounds that drafted at least one token
+    rounds: int = 0  # rounds with self-drafted tokens
     drafted: int = 0
     accepted: int = 0
+    lookup_rounds: int = 0  # rounds with lookup drafts
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
-    def record(self, drafted: int, accepted: int) -> None:
-        self.rounds += 1
-        self.drafted += drafted
-        self.accepted += accepted
+    def record(self, lookup: bool, drafted: int, accepted: int) -> None:
+        if lookup:
+            self.lookup_rounds, self.lookup_drafted = self.lookup_rounds + 1, self.lookup_drafted + drafted
+            self.lookup_accepted += accepted
+        else:
+            self.rounds, self.drafted, self.accepted = self.rounds + 1, self.drafted + drafted, self.accepted + accepted
 
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def lookup_acceptance(self) -> float:
+        return self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else float("nan")
 
 
 class DraftLength:
@@ -96,12 +111,31 @@ class DraftLength:
 
 
 def break_even(config, num_steps: int, draft_steps: int) -> float:
-    """Acceptance rate above which drafting one token is worth its cost, counting block
-    calls per token (the head as one more, an HRM core's low-level updates included): drafting adds a token's prelude, draft steps,
-    coda and head, which must be repaid by the plain token it saves."""
+    """Acceptance rate above which self-drafting one token is worth its cost, counting block
+    calls per token (the head as one more, an HRM core's low-level updates included):
+    drafting adds a token's prelude, draft steps, coda and head, which must be repaid by the
+    plain token it saves."""
     prelude, coda = config.prelude_layers, config.coda_layers
     core = config.core_layers + getattr(config, "low_level_steps", 0) * getattr(config, "low_level_layers", 0)
     return (prelude + core * draft_steps + coda + 1) / (prelude + core * num_steps + coda + 1)
+
+
+LOOKUP_BREAK_EVEN = 0.1  # a lookup draft only adds query positions to a forward that runs anyway
+LOOKUP_NGRAMS = (3, 2)  # match the last 3 tokens, else the last 2
+
+
+def lookup(context: list[int], most: int) -> list[int]:
+    """Up to `most` tokens that followed the latest earlier occurrence of the context's last
+    3 (else 2) tokens; [] when they never occurred before."""
+    last = len(context) - 1
+    for size in LOOKUP_NGRAMS:
+        if last < size:
+            continue
+        tail = context[-size:]
+        for end in range(last - 1, size - 2, -1):  # end: last index of an earlier occurrence
+            if context[end] == tail[-1] and context[end - size + 1:end + 1] == tail:
+                return context[end + 1:end + 1 + most]
+    return []
 
 
 def auto_draft_steps(num_steps: int) -> int:
@@ -118,12 +152,13 @@ class RecurrentDecoder:
         settings = runner.settings
         self.num_steps = settings.num_steps
         self.draft_steps = settings.resolved_draft_steps() if speculate else 0
-        self.speculate = speculate and self.draft_steps > 0
         self.continuous = settings.continuous_compute
         self.init_scale = settings.init_scale
         self.stats = stats if stats is not None else DraftStats()
-        self.lengths = DraftLength(settings.draft_tokens, break_even(self.model.config, self.num_steps,
-                                                                      self.draft_steps)) if self.speculate else None
+        most = settings.draft_tokens
+        self.self_drafts = DraftLength(most, break_even(self.model.config, self.num_steps, self.draft_steps)) \
+            if speculate and self.draft_steps > 0 else None
+        self.lookups = DraftLength(most, LOOKUP_BREAK_EVEN) if speculate and settings.lookup_drafts else None
 
     # ---- the model's pieces -------------------------------------------------------------------
     def _prelude(self, ids: torch.Tensor, cos_sin: torch.Tensor, cache) -> torch.Tensor:
@@ -176,12 +211,19 @@ class RecurrentDecoder:
 
         while not all(done) and position < max_len:
             remaining = max(budget[r] - len(outputs[r]) for r in range(len(prompts)) if not done[r])
-            k = min(self.lengths.next(), remaining - 1, max_len - 1 - position) if self.speculate else 0
-            embedded, states, drafts = self._draft(pending, position, k, cache, carried)
-            # verify: all k+1 tokens from step draft_steps to the full depth in one forward
+            most = min(remaining - 1, max_len - 1 - position)  # never past the budget or max_seq_len
+            proposed = self._lookup(prompts, outputs, done, pending, most)
+            if proposed is not None:
+                embedded, states, drafts, first = self._lookup_round(pending, proposed, position, cache)
+            else:
+                k = min(self.self_drafts.next(), most) if self.self_drafts else 0
+                embedded, states, drafts = self._draft(pending, position, k, cache, carried)
+                first = self.draft_steps
+            # verify: all k+1 tokens from step `first` to the full depth in one forward
+            k = 0 if drafts is None else drafts.shape[1]
             cache.position = position
             cos_sin = model.cos_sin[position:position + k + 1]
-            state = self._core(states, embedded, cos_sin, cache, range(self.draft_steps, self.num_steps))
+            state = self._core(states, embedded, cos_sin, cache, range(first, self.num_steps))
             logits = self._logits(state, cos_sin, cache, last_only=k == 0)
             if k == 0:
                 chosen = runner._choose(logits[:, -1], params)[:, None]
@@ -191,9 +233,10 @@ class RecurrentDecoder:
                 agree = (chosen[:, :k] == drafts).long().cumprod(-1).sum(-1).tolist()
                 accepted = min(a for a, d in zip(agree, done) if not d)
                 chosen = chosen[:, :accepted + 1]
-                self.stats.record(k, accepted)
-            if self.speculate:
-                self.lengths.update(k, accepted)
+                self.stats.record(proposed is not None, k, accepted)
+            for policy, used in ((self.self_drafts, proposed is None), (self.lookups, proposed is not None)):
+                if policy is not None:
+                    policy.update(k if used else 0, accepted if used else 0)
             self._append(outputs, done, chosen.tolist(), budget, should_stop)
             pending = chosen[:, -1]
             carried = state[:, accepted:accepted + 1] if self.continuous else None
@@ -218,6 +261,27 @@ class RecurrentDecoder:
         if k == 0:
             return embedded[0], states[0], None
         return torch.cat(embedded, 1), torch.cat(states, 1), torch.cat(drafts, 1)
+
+    def _lookup(self, prompts, outputs, done, pending: torch.Tensor, most: int) -> Optional[torch.Tensor]:
+        """Lookup drafts (batch, k) when every unfinished row has one, else None."""
+        most = min(most, self.lookups.next()) if self.lookups else 0
+        if most <= 0:
+            return None
+        found = [None if done[r] else lookup(prompts[r] + outputs[r], most) for r in range(len(prompts))]
+        lengths = [len(f) for f in found if f is not None]
+        if min(lengths) == 0:
+            return None
+        k = min(lengths)
+        fill = pending.tolist()  # finished rows run their last token again; nothing reads it
+        rows = [f[:k] if f is not None else [fill[r]] * k for r, f in enumerate(found)]
+        return torch.tensor(rows, device=pending.device)
+
+    def _lookup_round(self, pending: torch.Tensor, proposed: torch.Tensor, position: int, cache):
+        tokens = torch.cat([pending[:, None], proposed], 1)
+        cache.position = position
+        cos_sin = self.model.cos_sin[position:position + tokens.shape[1]]
+        embedded = self._prelude(tokens, cos_sin, cache)
+        return embedded, self.model.initial_state(embedded, self.init_scale, self.runner.generator), proposed, 0
 
     def _new_cache(self, pads: torch.Tensor, capacity: int):
         settings = self.runner.settings

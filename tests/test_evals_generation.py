@@ -10,7 +10,7 @@ import torch
 
 from rdp.evals.cache import RecurrentKVCache, StepKVCache
 from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams
-from rdp.evals.speculative import DraftLength
+from rdp.evals.speculative import DraftLength, lookup
 from rdp.pretrain.config import load_config
 from rdp.pretrain.model import build_model
 
@@ -58,10 +58,10 @@ def reference(model, prompts, depth, max_new, eos=-1, should_stop=None):
     return rows
 
 
-@pytest.mark.parametrize("depth,draft_steps", [(2, 1), (4, 1), (4, 2), (6, 3)])
-def test_speculative_greedy_equals_uncached_full_depth(converging, depth, draft_steps):
+@pytest.mark.parametrize("depth,draft_steps,lookups", [(2, 1, False), (4, 1, True), (4, 2, False), (6, 3, True)])
+def test_speculative_greedy_equals_uncached_full_depth(converging, depth, draft_steps, lookups):
     expected = reference(converging, PROMPTS, depth, 20)
-    spec = runner(converging, num_steps=depth, draft_steps=draft_steps)
+    spec = runner(converging, num_steps=depth, draft_steps=draft_steps, lookup_drafts=lookups)
     params = SamplingParams(max_new_tokens=20)
     assert [spec.generate([p], params)[0] for p in PROMPTS] == expected
     assert spec.generate(PROMPTS, params) == expected  # one left-padded batch
@@ -70,12 +70,32 @@ def test_speculative_greedy_equals_uncached_full_depth(converging, depth, draft_
     assert stats.accepted > 0 and stats.accepted < stats.drafted
 
 
-def test_speculation_pauses_when_drafts_disagree_and_stays_exact():
-    model = tiny_model()  # plain random init: depth-1 drafts of depth 4 seldom agree
-    spec = runner(model, num_steps=4, draft_steps=1)
-    assert spec.generate(PROMPTS, SamplingParams(max_new_tokens=24)) == reference(model, PROMPTS, 4, 24)
+def test_speculation_pauses_when_drafts_disagree_and_lookups_catch_repeats():
+    model = tiny_model()  # plain random init: depth-1 drafts of depth 4 seldom agree, outputs loop
+    expected = reference(model, PROMPTS, 4, 24)
+    spec = runner(model, num_steps=4, draft_steps=1, lookup_drafts=False)
+    assert spec.generate(PROMPTS, SamplingParams(max_new_tokens=24)) == expected
     # drafting stopped after the first misses: far fewer drafted tokens than generated ones
     assert spec.draft_stats.drafted < 10
+    lookups = runner(model, num_steps=4, draft_steps=0)
+    assert [lookups.generate([p], SamplingParams(max_new_tokens=24))[0] for p in PROMPTS] == expected
+    stats = lookups.draft_stats
+    assert stats.rounds == 0 and 0 < stats.lookup_accepted < stats.lookup_drafted
+
+
+def test_lookup_finds_the_latest_earlier_occurrence():
+    assert lookup([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], most=4) == [7, 8, 1, 2]  # 3-gram, the latest
+    assert lookup([1, 2, 6, 0, 4, 2, 6], most=3) == [0, 4, 2]  # else the last 2 tokens
+    assert lookup([4, 4, 4], most=5) == [4]
+    assert lookup([1, 2, 3, 4], most=3) == [] and lookup([7], most=3) == []
+
+
+def test_hrm_core_speculates_exactly():
+    """The two-timescale core keeps the property speculation needs (step s reads step-s entries)."""
+    model = build_model(load_config("tiny", ["model.low_level_steps=2"]).model, seed=0).eval()
+    spec = runner(model, num_steps=4, draft_steps=2)
+    assert spec.generate(PROMPTS, SamplingParams(max_new_tokens=12)) == reference(model, PROMPTS, 4, 12)
+    assert spec.draft_stats.drafted + spec.draft_stats.lookup_drafted > 0
 
 
 def test_eos_stop_rule_and_budget_cut_exactly_where_the_reference_does(converging):
