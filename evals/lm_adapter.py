@@ -92,7 +92,8 @@ class RecurrentDepthLM(TemplateLM):
                                       cache_slots=int(cache_slots), exit_criterion=exit_criterion,
                                       exit_threshold=None if exit_threshold is None else float(exit_threshold),
                                       seed=int(seed), continuous_compute=_flag(continuous_compute, "continuous_compute"),
-                                      draft_steps=None if draft_steps is None else int(draft_steps))
+                                      draft_steps=None if draft_steps is None else int(draft_steps),
+                                      lookup_drafts=_flag(lookup_drafts, "lookup_drafts"))
         self.runner = DepthRunner(model, self.settings, eos_token_id=self.tok.eos_id)
         self._batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or model.config.max_seq_len)

@@ -221,3 +221,24 @@ def test_step_cache_overwrites_in_place_and_names_its_capacity():
     cache.position = 3
     with pytest.raises(ValueError, match="holds 4 positions"):
         cache.update((1, 0), key(3, 2), key(3, 2))
+
+
+def test_continuous_compute_reaches_adapter_sweep_and_cli(tmp_path, capsys):
+    from rdp.evals.lm_adapter import RecurrentDepthLM
+    from rdp.evals.sweep import Sweep, SweepConfig
+    from rdp.evals.testing import write_tiny_checkpoint
+    from rdp.launch.cli import main as rdp
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    lm = RecurrentDepthLM.create_from_arg_string(
+        f"checkpoint={ckpt},num_steps=2,continuous_compute=true,draft_steps=1,lookup_drafts=false", {})
+    assert lm.settings.continuous_compute and lm.settings.draft_steps == 1 and not lm.settings.lookup_drafts
+    with pytest.raises(ValueError, match="continuous_compute must be true or false"):
+        RecurrentDepthLM(model=lm.model, tokenizer=lm.tok, continuous_compute="maybe")
+    cfg = SweepConfig(checkpoint=str(ckpt), tasks=["parity"], depths=[2], out_dir=str(tmp_path / "out"),
+                      continuous_compute=True)
+    assert cfg.identity()["continuous_compute"] is True  # results record it; a resume must match it
+    assert Sweep(cfg, progress=False).lm(2).settings.continuous_compute
+    argv = ["eval", str(ckpt), "--tasks", "parity", "--depths", "2", "--out", str(tmp_path / "bad"), "--no-progress",
+            "--continuous-compute", "--exit-criterion", "kl"]
+    assert rdp(argv) == 2 and "continuous_compute" in capsys.readouterr().err
