@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rdp.data_pipeline.builtin_tasks import NO_EDGE, pointer_chasing  # noqa: E402
 from rdp.evals.adaptive import learned_exit_forward  # noqa: E402
 from rdp.pretrain.config import load_config  # noqa: E402
 from rdp.pretrain.model import build_model  # noqa: E402
@@ -43,29 +44,10 @@ VARIANTS = {
     # HRM's two-timescale core: 4 high-level updates of 2 low-level ones (12 layer passes vs 8)
     "hrm": ["model.low_level_steps=2", "model.mean_recurrence=4", "model.mean_backprop_depth=2"],
 }
-NODES, EDGE_BASE = 12, 12
-NO_EDGE = EDGE_BASE + NODES * NODES
 
 
-def pointer_chasing(rng: np.random.Generator, longest: int) -> tuple[np.ndarray, np.ndarray]:
-    """The issue's task: 12 nodes in chains (one of exactly `longest` nodes), one token per
-    edge a->b in 11 slots, then a query per node; the answer is the last node of its chain."""
-    lengths, rest = [longest], NODES - longest
-    while rest > 0:
-        lengths.append(min(int(rng.integers(1, longest + 1)), rest))
-        rest -= lengths[-1]
-    order, last, edges, start = rng.permutation(NODES), np.empty(NODES, dtype=np.int64), [], 0
-    for length in lengths:
-        chain = order[start:start + length]
-        start += length
-        edges += [EDGE_BASE + a * NODES + b for a, b in zip(chain[:-1], chain[1:])]
-        last[chain] = chain[-1]
-    slots = np.full(NODES - 1, NO_EDGE, dtype=np.int64)
-    slots[:len(edges)] = edges
-    return (np.concatenate([rng.permutation(slots), np.arange(NODES)]),
-            np.concatenate([np.full(NODES - 1, -100), last]))
-
-
+# the built-in task's generator (rdp.data_pipeline.builtin_tasks), driven directly: one
+# stream per (seed, difficulty), example i from its own generator
 def batch(seed: int, difficulty: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [pointer_chasing(np.random.Generator(np.random.PCG64([seed, difficulty, first + i])), difficulty)
             for i in range(count)]
