@@ -113,26 +113,46 @@ def _checkpoint_root(path: Path) -> Optional[Path]:
 
 
 def published_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoint dirs, newest first (the "latest" pointer's target first)."""
+    """The checkpoints a resume may use, in the order to try them: the one "latest" names,
+    then the older ones, newest first. Checkpoints newer than "latest" are never candidates:
+    they belong to a timeline the run left when it was resumed from an older checkpoint
+    (until they are overwritten). Without a pointer: every checkpoint, newest first."""
     found = sorted((p for p in root.glob("step_*") if p.is_dir() and checkpoint_step(p) is not None),
                    key=checkpoint_step, reverse=True)
+    latest = latest_step(root)
+    if latest is None:
+        return found
+    return [p for p in found if checkpoint_step(p) <= latest]
+
+
+def latest_step(root: Path) -> Optional[int]:
+    """The step the "latest" pointer names (None: no pointer, or not a checkpoint name)."""
     pointer = root / LATEST_POINTER
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
-    return found
+    try:
+        return checkpoint_step(pointer.read_text().strip())
+    except OSError:
+        return None
 
 
 def newest_valid_checkpoint(root: Path) -> Optional[Path]:
-    """The newest intact checkpoint under `root`, warning about each broken one skipped."""
+    """The newest intact checkpoint under `root`, warning about each broken one skipped.
+    None when `root` holds no checkpoint; an error naming each one when none is intact."""
+    problems = []
+    latest = latest_step(root)
+    if latest is not None and not (root / checkpoint_name(latest)).is_dir():
+        problems.append(f"{LATEST_POINTER}: names {checkpoint_name(latest)}, which does not exist")
+        warnings.warn(f"{root / LATEST_POINTER} names {checkpoint_name(latest)}, which does not exist; "
+                      f"falling back to the previous checkpoint", stacklevel=2)
     for candidate in published_checkpoints(root):
         problem = verify_checkpoint(candidate)
         if problem is None:
             return candidate
+        problems.append(f"{candidate.name}: {problem}")
         warnings.warn(f"checkpoint {candidate} is unusable ({problem}); falling back to the previous one",
                       stacklevel=2)
+    if problems:
+        raise CheckpointError(f"{root}: no intact checkpoint to resume from: {'; '.join(problems)} (move them "
+                              f"aside to start over, or pass an intact checkpoint as train.resume=PATH)")
     return None
 
 
@@ -185,11 +205,16 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Keep the newest `keep_last` plus every `keep_every`-th step; remove the rest and
-    stale staging dirs. Returns what was removed."""
+    """Keep the `keep_last` newest checkpoints up to the one "latest" names, plus every
+    `keep_every`-th step; remove the other older ones. "latest" itself and anything newer
+    (another timeline, see `published_checkpoints`) are never removed. Returns what was."""
     steps = sorted(checkpoint_step(p) for p in root.glob("step_*") if checkpoint_step(p) is not None)
-    keep = set(steps[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
-    removed = [root / checkpoint_name(s) for s in steps if s not in keep]
+    latest = latest_step(root)
+    if latest is None:
+        return []
+    older = [s for s in steps if s <= latest]
+    keep = set(older[-keep_last:]) | {latest} | {s for s in older if keep_every and s % keep_every == 0}
+    removed = [root / checkpoint_name(s) for s in older if s not in keep]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

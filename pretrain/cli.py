@@ -15,7 +15,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model (CONFIG is a preset name or a YAML path)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=50")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: a log line every train.log_every steps instead")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in train.run_dir (its checkpoints, metrics, config)")
     train.set_defaults(handler=run_train)
 
     info = commands.add_parser("info", help="parameter counts of a config")
@@ -50,9 +53,9 @@ def run_train(args: argparse.Namespace) -> int:
     from rdp.pretrain.train import train
 
     config = load_task_config(args.config, args.overrides)  # load_config, sized from a task source
-    result = train(config, progress=not args.no_progress)
+    result = train(config, progress=not args.no_progress, overwrite=args.overwrite)
     if not result.is_main:  # one report per run, not per rank
-        return 0
+        return result.exit_code
     print(f"trained to step {result.final_step}; run dir {result.run_dir}")
     if result.validation:
         from rdp.pretrain.validation import format_validation
@@ -62,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         print("\n".join(format_validation(result.validation)))
     elif result.validation_note:
         print(f"no validation table: {result.validation_note}")
-    return 0
+    return result.exit_code
 
 
 def run_info(args: argparse.Namespace) -> int:

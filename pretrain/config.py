@@ -108,12 +108,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "bf16"  # bf16 | fp32
     seed: int = 0
+    # without a terminal (SLURM logs, --no-progress) rank 0 prints a log line every N steps
     log_every: int = 1
     checkpoint_every: int = 128
     keep_last: int = 2
     keep_every: int = 0
     max_bad_steps: int = 5
     resume: str = "none"  # none | auto | PATH
+    # under SLURM: checkpoint and stop this many minutes before the job's time limit (0: off)
+    save_before_end_minutes: float = 0.0
     run_dir: str = "runs/default"
     # validation on held-out data at these test-time depths: every eval_every steps (0: only
     # at the end) into metrics.jsonl and TensorBoard, and as a table after training
@@ -297,6 +300,9 @@ def validate(config: RunConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _require(t.checkpoint_every > 0, "train.checkpoint_every", f"must be positive, got {t.checkpoint_every}")
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _require(t.save_before_end_minutes >= 0, "train.save_before_end_minutes",
+             f"must be >= 0, got {t.save_before_end_minutes}")
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _require(all(r >= 1 for r in t.eval_depths), "train.eval_depths", "depths must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")

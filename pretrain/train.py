@@ -11,15 +11,14 @@ CPU, and even on another data-parallel size it sees the same samples in the same
 from __future__ import annotations
 
 import json
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from rdp.data_pipeline import build_stream, document_bos
 from rdp.data_pipeline.tokenizer import save_run_tokenizer
@@ -34,14 +33,15 @@ from rdp.pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr
 from rdp.pretrain.preflight import preflight
 from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from rdp.pretrain.objectives import Objective
+from rdp.pretrain.progress import StepReporter
+from rdp.pretrain.resume import check_layout, check_model_shape
+from rdp.pretrain.run_dir import FINISHED_MARKER, METRICS_FILE, check_fresh_start, remove_run
 from rdp.pretrain.sampler import DepthSampler
 from rdp.pretrain.wandb_sink import WandbSink
 from rdp.pretrain.validation import Validator, log_validation
+from rdp.pretrain.stopping import INTERRUPTED_EXIT_CODE, Deadline, StopRequests
 
-FINISHED_MARKER = "FINISHED"  # the SLURM chain (slurm/render.py) stops resubmitting once it exists
-METRICS_FILE = "metrics.jsonl"
 DEEPSPEED_TAG = "deepspeed"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainingError(RuntimeError):
@@ -56,8 +56,10 @@ class TrainResult:
     eval_losses: dict[int, float] = field(default_factory=dict)  # text: held-out loss by depth
     validation: dict = field(default_factory=dict)  # the end-of-run validation (pretrain/validation.py)
     validation_note: str = ""  # what it was measured on, or why there is none
-    stopped_by_signal: bool = False
+    stopped_by_signal: bool = False  # stopped early on request (a signal, or the job's time limit)
+    stop_reason: Optional[str] = None
     is_main: bool = True
+    exit_code: int = 0  # 130 after a Ctrl-C stop
 
 
 def noise_seed(seed: int, first_sample: int) -> int:
@@ -67,16 +69,19 @@ def noise_seed(seed: int, first_sample: int) -> int:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, progress: bool = True):
+    def __init__(self, config: RunConfig, progress: bool = True, overwrite: bool = False):
         self.config = config
         p, t = config.parallel, config.train
-        check_tensor_parallel(config.model, p.tensor_parallel)  # before any process waits on another
-        preflight(config)
-        self.ctx = init_distributed(p.tensor_parallel, p.backend)
-        self.device = self.ctx.device
-        self.progress = progress and self.ctx.is_main
         self.run_dir = Path(t.run_dir)
         self.ckpt_root = self.run_dir / CHECKPOINT_DIR
+        # before any process waits on another, and before anything is written
+        check_fresh_start(self.run_dir, t.resume, overwrite)
+        check_tensor_parallel(config.model, p.tensor_parallel)
+        preflight(config)
+        self.overwrite = overwrite
+        self.ctx = init_distributed(p.tensor_parallel, p.backend)
+        self.device = self.ctx.device
+        self.progress = progress
 
         model = build_parallel_model(config.model, seed=t.seed, device=self.device)
         self.specs = shard_specs(model)
@@ -99,7 +104,7 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.bad_steps_in_row = 0
-        self._signalled = False
+        self.stops = StopRequests(announce=self.ctx.is_main)
 
     def _keep_rope_in_fp32(self) -> None:
         # DeepSpeed's bf16 mode casts every buffer; the spec computes RoPE in fp32
@@ -130,7 +135,7 @@ class Trainer:
                 # one collective decides for all ranks: mean loss, any non-finite, any stop request
                 bad = self.watch.bad_local(self.device) | ~torch.isfinite(loss_sum)
                 verdict = torch.stack([loss_sum / t.grad_accum_steps, bad.double(),
-                                       torch.tensor(float(self._signalled), dtype=torch.float64, device=self.device)])
+                                       torch.tensor(float(self.stops.requested), dtype=torch.float64, device=self.device)])
                 dist.all_reduce(verdict)
                 skip, stop = bool(verdict[1] > 0), bool(verdict[2] > 0)
                 self.optimizer.skip = skip
@@ -199,20 +204,8 @@ class Trainer:
             raise CheckpointError(f"{directory}: has no {TRAINER_STATE_FILE}; only checkpoints written by "
                                   f"`rdp train` can be resumed (weights alone cannot restore the optimizer)")
         state = read_trainer_state(directory)
-        p = self.config.parallel
-        if state["tensor_parallel"] != self.ctx.tp_size:
-            raise CheckpointError(f"{directory}: written with parallel.tensor_parallel={state['tensor_parallel']}, "
-                                  f"this run has {self.ctx.tp_size}; resume with the same TP degree")
-        if state["zero_stage"] != p.zero_stage:
-            raise CheckpointError(f"{directory}: written with parallel.zero_stage={state['zero_stage']}, "
-                                  f"this run has {p.zero_stage}; resume with the same ZeRO stage")
-        if p.zero_stage == 3 and state["data_parallel"] != self.ctx.dp_size:
-            raise CheckpointError(f"{directory}: ZeRO-3 state of {state['data_parallel']} data-parallel ranks cannot "
-                                  f"be loaded on {self.ctx.dp_size}; use ZeRO 0-2 to change the DP size")
-        if state["precision"] != self.config.train.precision:
-            raise CheckpointError(f"{directory}: written with train.precision={state['precision']}, "
-                                  f"this run has {self.config.train.precision}")
-        resharding = p.zero_stage in (1, 2) and state["data_parallel"] != self.ctx.dp_size
+        check_model_shape(directory, state["config"], self.config)
+        resharding = check_layout(directory, state, self.config, self.ctx.tp_size, self.ctx.dp_size)
         # DeepSpeed refuses any DP change up front, although its ZeRO-1/2 optimizer can merge
         # the partitions of an elastic checkpoint and re-split them; so load the weights alone,
         # then the fp32 master weights and Adam moments through that elastic path
@@ -245,6 +238,8 @@ class Trainer:
         if resume == "auto":
             directory = newest_valid_checkpoint(self.ckpt_root) if self.ckpt_root.exists() else None
             if directory is None:
+                if self.ctx.is_main:
+                    print(f"train.resume=auto: no checkpoint in {self.ckpt_root}; starting at step 0", flush=True)
                 return
         else:
             directory = resolve_checkpoint(resume)
@@ -253,31 +248,44 @@ class Trainer:
             print(f"resumed from {directory} at step {self.step}", flush=True)
 
     # ---- the run -------------------------------------------------------------------------------------
-    def _on_signal(self, signum, _frame) -> None:
-        self._signalled = True  # acted on at the next step boundary, on every rank together
+    def _start(self) -> None:
+        """--overwrite, resume, then record the config: a refused start leaves the run dir as it was."""
+        main = self.ctx.is_main
+        save_run_tokenizer(self.config.data, self.run_dir, write=False)  # a different tokenizer: refused here
+        if main and self.overwrite:
+            removed = remove_run(self.run_dir)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} of the run in {self.run_dir}", flush=True)
+        dist.barrier()
+        self.maybe_resume()
+        save_run_tokenizer(self.config.data, self.run_dir, write=main)  # `rdp eval RUN` finds it there
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.config))
+        dist.barrier()
 
     def run(self) -> TrainResult:
         from torch.utils.tensorboard import SummaryWriter
 
         t = self.config.train
         main = self.ctx.is_main
-        save_run_tokenizer(self.config.data, self.run_dir, write=main)  # `rdp eval RUN` finds it there
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.config))
-        dist.barrier()
-        self.maybe_resume()
+        self._start()
         result = TrainResult(self.run_dir, self.step, is_main=main)
         if self.step >= t.max_steps:
             return result
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        # rank 0 watches the job's end time; the stop request reaches the others in the step's all-reduce
+        deadline = Deadline(t.save_before_end_minutes * 60) if main else None
+        first_step = self.step
+        self.stops.install()
         writer = SummaryWriter(str(self.run_dir / "tensorboard")) if main else None
         metrics = self._open_metrics() if main else None
         wandb = WandbSink.open(self.config, self.run_dir) if main else None
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        reporter = StepReporter(t.max_steps, self.step, show=main, progress=self.progress, log_every=t.log_every)
         saved_at = None
         try:
             while self.step < t.max_steps:
+                if deadline is not None and self.step > first_step and deadline.due():
+                    self.stops.request(deadline.describe())
                 started = time.perf_counter()
                 record = self.train_step()
                 seconds = time.perf_counter() - started
@@ -299,9 +307,7 @@ class Trainer:
                             writer.add_scalar(f"train/{key}", record[key], self.step)
                     if wandb:
                         wandb.log(record, self.step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", nk=f"({record['n']},{record['k']})",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
+                reporter.update(record, step_tokens, seconds, self.peak_flops)
                 if self.bad_steps_in_row >= t.max_bad_steps:
                     raise TrainingError(
                         f"step {self.step}: loss or gradient non-finite for {self.bad_steps_in_row} steps in a row "
@@ -312,18 +318,21 @@ class Trainer:
                     saved_at = self.step
                 if record["stop_requested"]:
                     result.stopped_by_signal = True
+                    result.stop_reason = self.stops.reason or "a stop request on another rank"
                     if main:
-                        print(f"stop requested by signal: checkpoint at step {saved_at} written, exiting", flush=True)
+                        print(f"stop requested by {result.stop_reason}: checkpoint at step {saved_at} written, "
+                              f"exiting", flush=True)
                     break
         finally:
-            bar.close()
+            reporter.close()
             if main:
                 metrics.close()
                 writer.close()
                 if wandb:
                     wandb.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self.stops.restore()
+        if self.stops.interrupted:
+            result.exit_code = INTERRUPTED_EXIT_CODE
         result.final_step = self.step
         if self.step >= t.max_steps and main:
             (self.run_dir / FINISHED_MARKER).write_text(f"step {self.step}\n")
@@ -351,9 +360,10 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def train(config: RunConfig, progress: bool = True) -> TrainResult:
-    """Train (or resume) a run as configured; see the module docstring."""
-    trainer = Trainer(config, progress=progress)
+def train(config: RunConfig, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train (or resume) a run as configured; see the module docstring. `overwrite` replaces a
+    run already in train.run_dir (otherwise a fresh start there is refused)."""
+    trainer = Trainer(config, progress=progress, overwrite=overwrite)
     try:
         result = trainer.run()
         validator = trainer.validator
