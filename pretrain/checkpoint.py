@@ -6,15 +6,22 @@
         model.safetensors             consolidated full fp32 weights (single-device layout)
         config.yaml                   the run's resolved config
         trainer_state.json            step, tokens seen, data position, sampler seed, ...
-        rng/rank_00000.pt             each rank's RNG states
-        manifest.json                 size of every file above (+ sha256 of the small ones);
-                                      written last: a checkpoint without it is incomplete
+        rng/rank_00000.pt             each rank's RNG states (tensors and numbers only)
+        manifest.json                 size and sha256 of every file above, and which rank
+                                      wrote it; written last: without it, incomplete
     RUN_DIR/checkpoints/latest        name of the newest published checkpoint
     RUN_DIR/checkpoints/.tmp-step_*   a checkpoint being written (never read)
 
 A checkpoint is written under its temporary name, then renamed, then "latest" is moved, so a
-crash at any moment leaves the previous checkpoint intact and pointed to. Loading checks the
-manifest and falls back to the next older checkpoint, with a warning naming the broken one.
+crash at any moment leaves the previous checkpoint intact and pointed to. Each rank hashes
+the files it wrote into `.parts/rank_NNNNN.json`; publishing merges the parts into the
+manifest. Loading checks the manifest and falls back to the next older checkpoint, with a
+warning naming the broken one; several ranks split the hashing (`verify_checkpoint`).
+
+What is a pickle: DeepSpeed's files under deepspeed/ (torch.save of Python objects, read back
+by DeepSpeed with torch.load(weights_only=False)); resume only from checkpoints you trust.
+Everything the trainer itself reads back is JSON, safetensors, or tensors and numbers read
+with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -40,9 +47,7 @@ MANIFEST_FILE = "manifest.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 STAGING_PREFIX = ".tmp-"
 CHECKPOINT_DIR = "checkpoints"
-# hashing tens of GB at every save would stall training; sizes catch truncation, hashes
-# catch corruption of the small files that steer a resume
-HASH_LIMIT_BYTES = 64 * 2**20
+PARTS_DIR = ".parts"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -68,22 +73,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """Record every file's size (and hash when small); written last, atomically."""
+def write_rank_part(directory: Path, rank: int, paths: list[Path]) -> None:
+    """One rank's share of the manifest: size and sha256 of the files it wrote (flushed to
+    disk first, so a published checkpoint survives a node failure)."""
     files = {}
+    for path in paths:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path),
+                                                         "rank": rank}
+    (directory / PARTS_DIR).mkdir(exist_ok=True)
+    write_json(directory / PARTS_DIR / f"rank_{rank:05d}.json", {"files": files})
+
+
+def write_manifest(directory: Path) -> None:
+    """Merge the ranks' parts; hash (as rank 0) any file no part lists; written last, atomically."""
+    files = {}
+    parts = directory / PARTS_DIR
+    for part in sorted(parts.glob("rank_*.json")) if parts.is_dir() else []:
+        files.update(json.loads(part.read_text())["files"])
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        size = path.stat().st_size
-        entry = {"size": size}
-        if size <= HASH_LIMIT_BYTES:
-            entry["sha256"] = _sha256(path)
-        files[path.relative_to(directory).as_posix()] = entry
+        name = path.relative_to(directory).as_posix()
+        if name not in files and not name.startswith(PARTS_DIR + "/"):
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path), "rank": 0}
     temporary = directory / f".{MANIFEST_FILE}.tmp"
-    temporary.write_text(json.dumps({"files": files}, indent=1))
+    temporary.write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(temporary, directory / MANIFEST_FILE)
+    shutil.rmtree(parts, ignore_errors=True)
 
 
-def verify_checkpoint(directory: Path) -> Optional[str]:
-    """None if complete and intact, else what is wrong."""
+def verify_checkpoint(directory: Path, hash_share="all") -> Optional[str]:
+    """None if complete and intact, else what is wrong. Every file's presence and size is
+    checked; its sha256 too where `hash_share` says: "all", None (sizes only), or
+    (rank, world_size): the files written by ranks r with r % world_size == rank, so that
+    world_size processes verify a checkpoint together, each reading a different share."""
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.exists():
         return f"no {MANIFEST_FILE} (incomplete write)"
@@ -98,7 +123,8 @@ def verify_checkpoint(directory: Path) -> Optional[str]:
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{name} has {size} bytes, the manifest recorded {entry['size']} (truncated or overwritten)"
-        if "sha256" in entry and _sha256(path) != entry["sha256"]:
+        mine = hash_share == "all" or (hash_share is not None and entry.get("rank", 0) % hash_share[1] == hash_share[0])
+        if mine and "sha256" in entry and _sha256(path) != entry["sha256"]:
             return f"{name} does not match its recorded sha256 (corrupted)"
     return None
 
@@ -243,11 +269,19 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def rng_state() -> dict:
+    """This process's RNG states as tensors and numbers only, so that they load back with
+    torch.load(weights_only=True) (no pickled objects)."""
     import random
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -259,10 +293,25 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(path: Path) -> Optional[dict]:
+    """A rank's RNG file, read without unpickling anything; None (with a warning) for a file
+    in the pickled format of earlier rdp versions, which is then not restored."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError here
+        warnings.warn(f"{path}: not restored, it needs a full unpickler ({type(exc).__name__}); the run "
+                      f"continues with fresh RNG states (the trainer's own randomness is seeded by step)",
+                      stacklevel=2)
+        return None
 
 
 # ---- reading -----------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 128
     keep_last: int = 2
+    # write checkpoints in the background after a snapshot (pretrain/checkpointing.py)
+    async_checkpoint: bool = True
     keep_every: int = 0
     max_bad_steps: int = 5
     resume: str = "none"  # none | auto | PATH

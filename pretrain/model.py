@@ -38,6 +38,8 @@ class ModelOutput:
 
 
 class RMSNorm(nn.Module):
+    init_constants = {"weight": 1.0}  # how pretrain/init_weights.py starts it
+
     def __init__(self, dim: int, eps: float, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -53,6 +55,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    init_constants = {"qk_bias": 0.0}
+
     def __init__(self, cfg: ModelConfig, kit, ops):
         super().__init__()
         h, std = cfg.hidden_size, takase_std(cfg.hidden_size) * cfg.init_std_scale
@@ -357,9 +361,17 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor],
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", kit=None, seed: Optional[int] = None) -> RecurrentDepthModel:
-    """Build on `device` ("meta" builds the shape only, without memory)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    with torch.device(device):
+    """Build on `device` ("meta" builds the shape only, without memory). With a `seed`, the
+    weights are those every tensor-parallel layout starts from (pretrain/init_weights.py)."""
+    if seed is None:
+        with torch.device(device):
+            return RecurrentDepthModel(cfg, kit)
+    from rdp.pretrain.init_weights import initialize
+
+    torch.manual_seed(seed)  # callers rely on a seeded global generator afterwards (e.g. the initial state)
+    with torch.device("meta"):
         model = RecurrentDepthModel(cfg, kit)
+    model.to_empty(device=device)
+    initialize(model, seed)
+    model.cos_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, device)
     return model

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdp.pretrain.config import ConfigError, ModelConfig
-from rdp.pretrain.layers import LocalLayers, trunc_normal_
+from rdp.pretrain.layers import trunc_normal_
 
 
 # ---- which TP degrees a model admits --------------------------------------------------------
@@ -149,14 +149,14 @@ class MegatronLayers:
         spec = ShardSpec(dim=0, part_size=part, padded_size=padded(part, self.tp_size), parts=interleave)
         layer = _ColumnLinear(in_features, spec.padded_size * interleave, config=self.config,
                               init_method=_init_method(init_std), bias=False, gather_output=False)
-        layer.shard_spec = spec
+        layer.shard_spec, layer.init_std = spec, init_std
         return layer
 
     def row_linear(self, in_features: int, out_features: int, init_std: float) -> nn.Module:
         spec = ShardSpec(dim=1, part_size=in_features, padded_size=padded(in_features, self.tp_size))
         layer = _RowLinear(spec.padded_size, out_features, config=self.config, init_method=_init_method(init_std),
                            bias=False, input_is_parallel=True, skip_bias_add=False)
-        layer.shard_spec = spec
+        layer.shard_spec, layer.init_std = spec, init_std
         return layer
 
     def embedding(self, vocab_size: int, hidden_size: int, init_std: float) -> nn.Module:
@@ -165,7 +165,7 @@ class MegatronLayers:
         self.vocab_size = vocab_size
         spec = ShardSpec(dim=0, part_size=vocab_size, padded_size=padded(vocab_size, self.tp_size))
         layer = VocabParallelEmbedding(spec.padded_size, hidden_size, init_method=_init_method(init_std), config=self.config)
-        layer.shard_spec = spec
+        layer.shard_spec, layer.init_std = spec, init_std
         return layer
 
     def head(self, vocab_size: int, hidden_size: int, init_std: float) -> nn.Module:
@@ -265,23 +265,29 @@ def local_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def build_parallel_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
                          full_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The model on megatron layers for the current parallel_state, holding this rank's shard
-    of the full model that `build_model(cfg, seed=seed)` creates (or of `full_state`), so the
-    initialisation is the same at every TP degree."""
+    of the model `build_model(cfg, seed=seed)` creates, at any TP degree. It is built on the
+    meta device and only the local shard is allocated and drawn (pretrain/init_weights.py):
+    no rank ever holds the full model. With `full_state`, the shard is cut from it instead."""
     from megatron.core import parallel_state
 
+    from rdp.kernels.reference import rope_cos_sin
+    from rdp.pretrain.init_weights import initialize
     from rdp.pretrain.model import build_model
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     check_tensor_parallel(cfg, tp)
-    if full_state is None:
-        full_state = local_state_dict(build_model(cfg, "cpu", kit=LocalLayers(), seed=seed))
-    model = build_model(cfg, device, kit=MegatronLayers())
+    model = build_model(cfg, "meta", kit=MegatronLayers(use_cpu_initialization=True))  # tensors follow the device
+    model.to_empty(device=device)
     specs = shard_specs(model)
-    local = shard_state_dict(full_state, specs, parallel_state.get_tensor_model_parallel_rank(), tp)
-    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in local.items()}, strict=False)
-    missing = [m for m in missing if not m.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    if full_state is None:
+        initialize(model, seed, specs, rank, tp)
+    else:
+        local = shard_state_dict(full_state, specs, rank, tp)
+        missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in local.items()}, strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.cos_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, device)
     mark_tensor_parallel(model)
     return model
 
@@ -298,8 +304,8 @@ def gather_full_state_dict(tensors: Iterable[tuple[str, torch.Tensor]], specs: d
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     full, finite = {}, True
-    for name, tensor in tensors:
-        tensor = tensor.detach().float()
+    for name, source in tensors:
+        tensor = source.detach().float()
         if name in specs and tp > 1:
             local = tensor.to(device).contiguous()  # NCCL gathers device tensors only
             pieces = [torch.empty_like(local) for _ in range(tp)]
@@ -307,5 +313,7 @@ def gather_full_state_dict(tensors: Iterable[tuple[str, torch.Tensor]], specs: d
             tensor = specs[name].unshard(pieces)
         finite = finite and bool(torch.isfinite(tensor).all())
         if keep:
-            full[name] = tensor.cpu()
+            tensor = tensor.cpu()
+            # a copy, never the live weight: the checkpoint is written while training goes on
+            full[name] = tensor.clone() if tensor.data_ptr() == source.data_ptr() else tensor
     return full, finite

@@ -52,3 +52,29 @@ def check_layout(directory: Path, state: dict, config: RunConfig, tp_size: int, 
     if resharding and p.zero_stage == 0:
         return False  # every rank holds the whole optimizer state: nothing to re-split
     return resharding
+
+
+# DeepSpeed's ZeRO-1/2 optimizer can merge the partitions of an elastic checkpoint and re-split
+# them, but only through these private methods (pyproject pins the DeepSpeed versions tested)
+ELASTIC_RESTORE = ("_load_global_state", "_restore_elastic_base_optimizer_state",
+                   "_restore_from_elastic_fp32_weights", "_link_all_hp_params")
+
+
+def reshard_zero_state(engine, directory: Path, tag: str, saved_dp: int) -> None:
+    """Load the fp32 master weights and Adam moments of `saved_dp` ZeRO-1/2 partitions into
+    this run's partitions (another number of data-parallel ranks)."""
+    import deepspeed
+
+    optimizer = engine.optimizer
+    missing = [name for name in ELASTIC_RESTORE if not hasattr(optimizer, name)]
+    if missing:
+        raise CheckpointError(f"{directory}: re-splitting ZeRO state over another data-parallel size needs "
+                              f"{type(optimizer).__name__}.{missing[0]}, which DeepSpeed {deepspeed.__version__} "
+                              f"lacks (tested: 0.19.8); resume on {saved_dp} data-parallel ranks instead")
+    saved_partitions = engine._get_all_zero_checkpoints(str(directory), tag)
+    if saved_partitions is None or len(saved_partitions) != saved_dp:
+        raise CheckpointError(f"{directory}: expected {saved_dp} ZeRO partitions")
+    optimizer._load_global_state(saved_partitions[0])
+    optimizer._restore_elastic_base_optimizer_state(saved_partitions)
+    optimizer._restore_from_elastic_fp32_weights(saved_partitions)
+    optimizer._link_all_hp_params()

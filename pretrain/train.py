@@ -24,9 +24,8 @@ from rdp.data_pipeline import build_stream, document_bos
 from rdp.data_pipeline.tokenizer import save_run_tokenizer
 from rdp.launch.distributed import MegatronMPU, init_distributed
 from rdp.pretrain.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, TRAINER_STATE_FILE, CheckpointError,
-                                 newest_valid_checkpoint, prune, publish, read_trainer_state,
-                                 remove_stale_staging, resolve_checkpoint, rng_state, save_model_weights,
-                                 set_rng_state, staging_dir, write_json)
+                                     load_rng_state, read_trainer_state, set_rng_state)
+from rdp.pretrain.checkpointing import DEEPSPEED_TAG, Checkpointer
 from rdp.pretrain.config import RunConfig, to_dict, to_yaml
 from rdp.pretrain.flops import FlopsModel, device_peak_flops, throughput_metrics
 from rdp.pretrain.engine import GradientWatch, build_engine, fp32_parameters, lr_factor, set_lr
@@ -34,14 +33,12 @@ from rdp.pretrain.preflight import preflight
 from rdp.pretrain.parallel import build_parallel_model, check_tensor_parallel, gather_full_state_dict, shard_specs
 from rdp.pretrain.objectives import Objective
 from rdp.pretrain.progress import StepReporter
-from rdp.pretrain.resume import check_layout, check_model_shape
+from rdp.pretrain.resume import check_layout, check_model_shape, reshard_zero_state
 from rdp.pretrain.run_dir import FINISHED_MARKER, METRICS_FILE, check_fresh_start, remove_run
 from rdp.pretrain.sampler import DepthSampler
 from rdp.pretrain.wandb_sink import WandbSink
 from rdp.pretrain.validation import Validator, log_validation
 from rdp.pretrain.stopping import INTERRUPTED_EXIT_CODE, Deadline, StopRequests
-
-DEEPSPEED_TAG = "deepspeed"
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +83,7 @@ class Trainer:
         model = build_parallel_model(config.model, seed=t.seed, device=self.device)
         self.specs = shard_specs(model)
         self.engine, self.optimizer = build_engine(model, config, self.ctx.dp_size, MegatronMPU())
+        self.checkpointer = Checkpointer(self.ctx, config, self.engine, self.ckpt_root, t.async_checkpoint)
         self._keep_rope_in_fp32()
         self.watch = GradientWatch(model)
         self.sampler = DepthSampler.from_config(config.model, t.seed, config.objective)
@@ -173,31 +171,16 @@ class Trainer:
                 "data_parallel": self.ctx.dp_size, "zero_stage": self.config.parallel.zero_stage,
                 "precision": t.precision, "config": to_dict(self.config)}
 
-    def save_checkpoint(self) -> Path:
-        staging = staging_dir(self.ckpt_root, self.step)
-        if self.ctx.is_main:
-            remove_stale_staging(self.ckpt_root)
-            (staging / "rng").mkdir(parents=True)
-        dist.barrier()
+    def save_checkpoint(self) -> None:
+        """Every rank: snapshot this step; the files are written in the background and the
+        checkpoint published once all ranks have written theirs (pretrain/checkpointing.py)."""
         full, finite = gather_full_state_dict(fp32_parameters(self.engine), self.specs, self.device,
                                               keep=self.ctx.is_main)
         finite = torch.tensor([float(finite)], dtype=torch.float64, device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite.item()):
             raise TrainingError(f"step {self.step}: weights are non-finite; refusing to checkpoint this state")
-        client = self.client_state()
-        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, client_state={"trainer": client},
-                                    save_latest=False)
-        torch.save(rng_state(), staging / "rng" / f"rank_{self.ctx.rank:05d}.pt")
-        dist.barrier()
-        final = self.ckpt_root / staging.name.removeprefix(".tmp-")
-        if self.ctx.is_main:
-            save_model_weights(None, staging, self.config, state=full)
-            write_json(staging / TRAINER_STATE_FILE, client)
-            final = publish(staging, self.ckpt_root, self.step)
-            prune(self.ckpt_root, self.config.train.keep_last, self.config.train.keep_every)
-        dist.barrier()
-        return final
+        self.checkpointer.save(self.step, full, self.client_state())
 
     def load_checkpoint(self, directory: Path) -> None:
         if not (directory / TRAINER_STATE_FILE).exists():
@@ -214,14 +197,7 @@ class Trainer:
         if loaded is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load {DEEPSPEED_TAG}/")
         if resharding:
-            saved_partitions = self.engine._get_all_zero_checkpoints(str(directory), DEEPSPEED_TAG)
-            if saved_partitions is None or len(saved_partitions) != state["data_parallel"]:
-                raise CheckpointError(f"{directory}: expected {state['data_parallel']} ZeRO partitions")
-            optimizer = self.engine.optimizer
-            optimizer._load_global_state(saved_partitions[0])
-            optimizer._restore_elastic_base_optimizer_state(saved_partitions)
-            optimizer._restore_from_elastic_fp32_weights(saved_partitions)
-            optimizer._link_all_hp_params()
+            reshard_zero_state(self.engine, directory, DEEPSPEED_TAG, state["data_parallel"])
         self._keep_rope_in_fp32()
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.samples_seen = int(state["samples_seen"])
@@ -229,21 +205,23 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         rng_file = directory / "rng" / f"rank_{self.ctx.rank:05d}.pt"
         if rng_file.exists() and state["world_size"] == self.ctx.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            rng = load_rng_state(rng_file)
+            if rng is not None:
+                set_rng_state(rng)
 
     def maybe_resume(self) -> None:
+        """Resume from the checkpoint rank 0 chose and every rank verified; each rank then
+        checks that it holds that step."""
         resume = self.config.train.resume
         if resume == "none":
             return
-        if resume == "auto":
-            directory = newest_valid_checkpoint(self.ckpt_root) if self.ckpt_root.exists() else None
-            if directory is None:
-                if self.ctx.is_main:
-                    print(f"train.resume=auto: no checkpoint in {self.ckpt_root}; starting at step 0", flush=True)
-                return
-        else:
-            directory = resolve_checkpoint(resume)
+        directory = self.checkpointer.agree_on_resume(resume)
+        if directory is None:
+            if self.ctx.is_main:
+                print(f"train.resume=auto: no checkpoint in {self.ckpt_root}; starting at step 0", flush=True)
+            return
         self.load_checkpoint(directory)
+        self.checkpointer.check_loaded(directory, self.step)
         if self.ctx.is_main:
             print(f"resumed from {directory} at step {self.step}", flush=True)
 
@@ -308,7 +286,9 @@ class Trainer:
                     if wandb:
                         wandb.log(record, self.step)
                 reporter.update(record, step_tokens, seconds, self.peak_flops)
+                self.checkpointer.poll()  # publishes a checkpoint once every rank has written it
                 if self.bad_steps_in_row >= t.max_bad_steps:
+                    self.checkpointer.finish()  # every rank is here: publish what is pending, then stop
                     raise TrainingError(
                         f"step {self.step}: loss or gradient non-finite for {self.bad_steps_in_row} steps in a row "
                         f"(train.max_bad_steps={t.max_bad_steps}); stopping without checkpointing this state "
@@ -316,6 +296,8 @@ class Trainer:
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or record["stop_requested"]:
                     self.save_checkpoint()
                     saved_at = self.step
+                if self.step == t.max_steps or record["stop_requested"]:
+                    self.checkpointer.finish()
                 if record["stop_requested"]:
                     result.stopped_by_signal = True
                     result.stop_reason = self.stops.reason or "a stop request on another rank"
@@ -348,6 +330,7 @@ class Trainer:
         return open(path, "a")
 
     def close(self) -> None:
+        self.checkpointer.writer.drain()  # a write still running finishes (unpublished) before exit
         self.watch.remove()
         self.engine.destroy()
 

@@ -6,22 +6,13 @@
 #   - a virtual environment in .venv with torch, DeepSpeed, megatron-core, WebDataset,
 #     lm-eval, Triton, ... and rdp itself (editable), exposing the `rdp` command.
 # Environment: RDP_TORCH (default torch==2.13.0, the CPU build on this project's machines;
-# set it to e.g. "torch==2.5.1" on a cluster), RDP_SKIP_APT=1 to leave system packages alone.
+# set it to e.g. "torch==2.5.1" on a cluster), RDP_SKIP_APT=1 to leave system packages alone
+# (without root or password-less sudo they are skipped anyway, with a message).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${RDP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
-  missing=()
-  command -v mpirun >/dev/null || missing+=(openmpi-bin libopenmpi-dev)
-  command -v slurmctld >/dev/null || missing+=(slurmctld slurmd slurm-client munge libpmix2)
-  command -v bwrap >/dev/null || missing+=(bubblewrap)
-  if [ ${#missing[@]} -gt 0 ]; then
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    echo "setup: installing system packages: ${missing[*]}"
-    $sudo apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-fi
+# system packages (MPI, SLURM, bubblewrap): skipped with a message where this user cannot install them
+scripts/system_packages.sh
 
 python3 -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1

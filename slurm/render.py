@@ -162,8 +162,9 @@ def render_train_script(job: TrainJob, site: SiteConfig) -> str:
         raise ConfigError(f"site config field 'signal_seconds': {site.signal_seconds} s warning does not fit "
                           f"in --time {job.shape.time} ({limit} s)")
     log_dir = job.run_dir / site.log_dir
-    options = [("job-name", job.job_name)] + scheduling_options(job.shape, site, site.cpus_per_task) + [
-        ("signal", f"B:USR1@{site.signal_seconds}"),
+    # signal_seconds 0: no warning signal (the trainer's train.save_before_end_minutes still works)
+    warning = [("signal", f"B:USR1@{site.signal_seconds}")] if site.signal_seconds else []
+    options = [("job-name", job.job_name)] + scheduling_options(job.shape, site, site.cpus_per_task) + warning + [
         ("requeue", None),
         # a requeued job appends to its log instead of truncating the earlier attempt
         ("open-mode", "append"),

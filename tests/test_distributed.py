@@ -223,14 +223,19 @@ def test_data_parallel_1_to_2_resume_reshards_the_optimizer_state(two_rank_runs)
     assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(resumed, original)) < EXACT_ENOUGH
 
 
-def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "background"])
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path, mode):
+    """kill -9 half-way through writing the step-6 checkpoint: with train.async_checkpoint
+    off (training waits for the write), and on, while training has already reached step 8."""
     from rdp.pretrain.checkpoint import load_model
     from rdp.pretrain.train import train
 
     run_dir = tmp_path / "run"
     marker = tmp_path / "writing"
-    spec = write_spec(tmp_path / "spec.json", {str(run_dir): ["train.max_steps=8", "train.checkpoint_every=3"]})
-    process = subprocess.Popen([PYTHON, str(Path(__file__)), "block-in-checkpoint", str(spec), str(marker)],
+    spec = write_spec(tmp_path / "spec.json", {str(run_dir): ["train.max_steps=8", "train.checkpoint_every=3",
+                                                               f"train.async_checkpoint={mode == 'background'}"]})
+    process = subprocess.Popen([PYTHON, str(Path(__file__)), "block-in-checkpoint", str(spec), str(marker),
+                                "background" if mode == "background" else ""],
                                cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
@@ -246,6 +251,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, t
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000003"
     assert (checkpoints / ".tmp-step_00000006").exists() and not (checkpoints / "step_00000006").exists()
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 7 if mode == "sync" else 9))
     reference = load_model(reference_run / "checkpoints" / "step_00000003")
     survivor = load_model(run_dir)
     for (name, a), b in zip(reference.state_dict().items(), survivor.state_dict().values()):
@@ -373,22 +379,27 @@ def _worker(spec_file: str) -> None:
         train(config(run_dir, *extra), progress=False)
 
 
-def _block_in_checkpoint(spec_file: str, marker: str) -> None:
-    """Train; on the second checkpoint, stop half-way through writing it (the test SIGKILLs)."""
-    from rdp.pretrain import train as train_module
+def _block_in_checkpoint(spec_file: str, marker: str, background: str = "") -> None:
+    """Train; on the second checkpoint, stop half-way through writing it (the test SIGKILLs).
+    `background`: only once training has gone two steps past that checkpoint, which shows
+    that the write runs behind the training instead of stalling it."""
+    from rdp.pretrain import checkpointing
 
-    original = train_module.save_model_weights
+    original = checkpointing.save_model_weights
     saves = {"n": 0}
 
     def blocking(model, directory, cfg, state=None):
         saves["n"] += 1
         if saves["n"] == 2:
             (Path(directory) / "model.safetensors").write_bytes(b"partial")
+            run_dir = Path(directory).parents[1]
+            while background and len(metrics(run_dir)) < 8:
+                time.sleep(0.05)
             Path(marker).touch()
             time.sleep(600)
         return original(model, directory, cfg, state=state)
 
-    train_module.save_model_weights = blocking
+    checkpointing.save_model_weights = blocking
     _worker(spec_file)
 
 

@@ -33,6 +33,8 @@ MAX_STEPS, CHECKPOINT_EVERY = 80, 10
 TRAIN_OVERRIDES = [f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
                    "train.eval_depths=[]", "train.log_every=1"]
 JOB_TIMEOUT = 900  # a guard against a hung job, not a performance assertion
+# a job whose time limit really expires: the trainer must stop itself this long before it
+EXPIRING_MINUTES, SAVE_BEFORE_END_MINUTES = 2, 1
 
 
 def _free_port() -> int:
@@ -259,7 +261,17 @@ def jobs(cluster, tmp_path_factory):
     token_site = base / "token-site.yaml"
     token_site.write_text("name: local-with-token\npartition: debug\nsignal_seconds: 30\n"
                           "env: {OMP_NUM_THREADS: '1', PYTHONUNBUFFERED: '1'}\nsbatch_lines: ['--gres=token:1']\n")
+    # no warning signal at all: only the trainer's own watch on the job's end time saves the work
+    silent_site = base / "silent-site.yaml"
+    silent_site.write_text("name: local-no-signal\npartition: debug\nsignal_seconds: 0\n"
+                           "env: {OMP_NUM_THREADS: '1', PYTHONUNBUFFERED: '1'}\n")
+    expiring_dir = base / "expiring"
+    expiring_job = run([*RDP, "submit", "tiny", "--tasks-per-node", "2", "--time", str(EXPIRING_MINUTES), "--site",
+                        str(silent_site), f"train.run_dir={expiring_dir}", "train.max_steps=100000",
+                        "train.checkpoint_every=100000", "train.eval_depths=[]", "train.log_every=10",
+                        f"train.save_before_end_minutes={SAVE_BEFORE_END_MINUTES}"], env).stdout.split()[-1]
     scenarios = {
+        "expiring": Scenario(expiring_dir, expiring_job),
         "reference": Scenario(base / "reference", submit(env, base / "reference")),
         "signalled": Scenario(base / "signalled", submit(env, base / "signalled")),
         "preempted": Scenario(base / "preempted", submit(env, base / "preempted", "--site", str(token_site))),
@@ -288,6 +300,12 @@ def jobs(cluster, tmp_path_factory):
         "SIGKILL to segment 1 two steps past its first periodic checkpoint",
         lambda: _past_first_periodic_checkpoint(chained, env),
         lambda: kill_training_tasks(_segment(chained.job_id, 1, env)["JobId"])))
+    expiring = scenarios["expiring"]
+    expiring.actions.append((
+        "cancel the expiring job once its second attempt has resumed",
+        lambda: job_state(expiring.job_id, env) == ("RUNNING", 1)
+        and re.search(r"resumed from \S+ at step \d+", logs(expiring.run_dir).split("restart 1] starting")[-1]),
+        lambda: run(["scancel", expiring.job_id], env)))
     stop = threading.Event()
     driver = threading.Thread(target=_drive, args=(scenarios, stop), daemon=True)
     driver.start()
@@ -412,3 +430,28 @@ def test_chain_of_three_segments_continues_one_run_through_a_kill(cluster, jobs)
     assert resumed % CHECKPOINT_EVERY == 0 and resumed > stopped_at, texts[2]
     assert "run finished" in texts[2] and "requeueing" not in "".join(texts)
     assert_same_run(chained.run_dir, jobs["reference"].run_dir)
+
+
+def test_trainer_checkpoints_before_the_time_limit_without_any_signal(cluster, jobs):
+    """--time 2 with no warning signal: the trainer reads the job's end time from squeue,
+    checkpoints and stops a minute before it; the batch script requeues the job, which
+    resumes from that checkpoint (the test then cancels it). Without the trainer's watch the
+    job would end as TIMEOUT and lose every step (checkpoint_every is far away)."""
+    from datetime import datetime, timezone
+
+    expiring = jobs["expiring"]
+    state, restarts = finished(expiring, cluster)
+    assert (state, restarts) == ("CANCELLED", 1), logs(expiring.run_dir)
+    first, second = logs(expiring.run_dir).split("restart 1] starting training step")
+    assert "got SIG" not in first and "#SBATCH --signal" not in (expiring.run_dir / "slurm" / "submission-001" /
+                                                                 "train.sbatch").read_text()
+    stop = re.search(r"stop requested by the job's time limit \(ends (\S+ \S+), train.save_before_end_minutes=1\): "
+                     r"checkpoint at step (\d+) written, exiting", first)
+    assert stop, first
+    ends, step = datetime.fromisoformat(stop.group(1)).timestamp(), int(stop.group(2))
+    ended = re.search(r"\[rdp-job (\S+) job \d+ restart 0\] training step ended with status 0", first)
+    assert ended and "training stopped before the job's time limit with a checkpoint" in first, first
+    stopped_at = datetime.strptime(ended.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    assert 0 < ends - stopped_at <= 60 * SAVE_BEFORE_END_MINUTES + 5, (ends, stopped_at)
+    assert "requeueing job" in first
+    assert re.search(rf"resumed from \S+/step_{step:08d} at step {step}", second), second
