@@ -10,7 +10,8 @@ first and keeping a shard (what every rank did before), side by side; use it onl
 config whose full model fits in memory TP times.
 
     .venv/bin/python benchmarks/bench_build_memory.py                     # huginn-3.5b, TP=5 (~16 GB)
-    .venv/bin/python benchmarks/bench_build_memory.py --config small --tp 2 --full
+    .venv/bin/python benchmarks/bench_build_memory.py --config small --tp 2 --full \
+        model.hidden_size=2048 model.intermediate_size=8192 model.vocab_size=32768      # 0.34B, side by side
 
 huginn-3.5b's 55 heads admit TP 1, 5, 11, 55: TP=5 is the smallest split across ranks.
 Check `free -g` first: all ranks together hold the whole model once (14.3 GB in fp32) plus
@@ -54,7 +55,7 @@ def measure(build) -> dict:
     return {"added_bytes": peak - before, "shard_bytes": shard, "seconds": seconds}
 
 
-def worker(config_name: str, tp: int, full: bool) -> None:
+def worker(config_name: str, tp: int, full: bool, overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -64,7 +65,7 @@ def worker(config_name: str, tp: int, full: bool) -> None:
     from rdp.pretrain.parallel import build_parallel_model, local_state_dict
 
     torch.set_num_threads(1)
-    cfg = load_config(config_name).model
+    cfg = load_config(config_name, overrides).model
     ctx = init_distributed(tp, "gloo")
     largest = max(p.numel() * 4 for p in build_model(cfg, device="meta").parameters())
     rows = {"meta": measure(lambda: build_parallel_model(cfg, seed=0))}
@@ -101,19 +102,21 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=5)
     parser.add_argument("--full", action="store_true", help="also measure building the full model first")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.hidden_size=2048")
     args = parser.parse_args()
     if args.worker:
-        worker(args.config, args.tp, args.full)
+        worker(args.config, args.tp, args.full, args.overrides)
         return
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.tp),
-               __file__, "--worker", "--config", args.config, "--tp", str(args.tp)] + (["--full"] if args.full else [])
+               __file__, "--worker", "--config", args.config, "--tp", str(args.tp),
+               *(["--full"] if args.full else []), *args.overrides]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("[{")]
     if done.returncode != 0 or not lines:
         sys.exit(f"benchmark failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    report(json.loads(lines[-1]), args.config, args.tp)
+    report(json.loads(lines[-1]), " ".join([args.config, *args.overrides]), args.tp)
 
 
 if __name__ == "__main__":

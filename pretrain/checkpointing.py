@@ -57,7 +57,7 @@ class Checkpointer:
         """Snapshot this step's state and start writing it. `full_weights`: the consolidated
         fp32 weights on rank 0 (empty elsewhere)."""
         self.finish()
-        self.writer.wait()  # rank 0: the previous publish (rename, prune) has run
+        self._all_written(block=True, step=self.published_step)  # rank 0: its last publish has run
         staging = staging_dir(self.root, step)
         if self.ctx.is_main:
             remove_stale_staging(self.root)
@@ -84,53 +84,44 @@ class Checkpointer:
         written its part. Returns the step published, if any."""
         if self.pending is None:
             return None
-        if not self._all_written(block=False):
+        if not self._all_written(block=False, step=self.pending.step):
             return None
-        return self._publish(wait=False)
+        return self._publish()
 
     def finish(self) -> Optional[int]:
         """All ranks: wait until the pending checkpoint is written everywhere and published."""
         if self.pending is None:
             return None
-        self._all_written(block=True)
-        return self._publish(wait=True)
+        self._all_written(block=True, step=self.pending.step)
+        step = self._publish()
+        self._all_written(block=True, step=step)  # rank 0's publish has run (or failed, on every rank)
+        return step
 
-    def _all_written(self, block: bool) -> bool:
+    def _all_written(self, block: bool, step: Optional[int]) -> bool:
+        """Collective: whether every rank's writer is idle; a failure on any rank raises on all."""
         if block:
-            try:
-                self.writer.wait()
-            except BaseException:  # noqa: BLE001 - reported below, on every rank
-                pass
+            self.writer.drain()
         failed = self.writer.error is not None
         writing = not failed and not self.writer.idle
         flags = torch.tensor([float(writing), float(failed)], dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(flags)
         if flags[1] > 0:
-            self._raise_write_failure()
+            mine = f"rank {self.ctx.rank}: {self.writer.error!r}" if self.writer.error is not None else None
+            every = [None] * self.ctx.world_size
+            dist.all_gather_object(every, mine)
+            raise CheckpointError(f"checkpoint at step {step} could not be written or published "
+                                  f"({'; '.join(m for m in every if m)}); stopping, {self.root / LATEST_POINTER} "
+                                  f"names the newest intact checkpoint")
         return bool(flags[0] == 0)
 
-    def _raise_write_failure(self):
-        mine = f"rank {self.ctx.rank}: {self.writer.error!r}" if self.writer.error is not None else None
-        every = [None] * self.ctx.world_size
-        dist.all_gather_object(every, mine)
-        failures = "; ".join(m for m in every if m)
-        raise CheckpointError(f"checkpoint at step {self.pending.step} could not be written ({failures}); stopping "
-                            f"with the previous checkpoint ({self.root / 'latest'}) as the newest intact one")
-
-    def _publish(self, wait: bool) -> int:
+    def _publish(self) -> int:
+        """Rank 0 publishes in its background thread; a failure stops every rank at the next check."""
         pending, self.pending = self.pending, None
         if self.ctx.is_main:
             t = self.config.train
             self.writer.submit(_publish_and_prune, pending, self.root, t.keep_last, t.keep_every)
-            if wait:
-                self.writer.wait()
         self.published_step = pending.step
         return pending.step
-
-    def close(self) -> None:
-        """Publish what is pending (all ranks), then let rank 0's last publish finish."""
-        self.finish()
-        self.writer.wait()
 
     # ---- resuming -----------------------------------------------------------------------------
     def agree_on_resume(self, resume: str) -> Optional[Path]:
@@ -183,7 +174,10 @@ def resume_candidates(resume: str, root: Path) -> list[Path]:
     those of the run dir / checkpoints dir it names."""
     if resume != "auto":
         path = Path(resume)
-        if (path / TRAINER_STATE_FILE).exists() or (path / WEIGHTS_FILE).exists():
+        if (path / WEIGHTS_FILE).exists() and not (path / TRAINER_STATE_FILE).exists():
+            raise CheckpointError(f"{path}: has no {TRAINER_STATE_FILE}; only checkpoints written by `rdp train` "
+                                  f"can be resumed (weights alone cannot restore the optimizer)")
+        if (path / TRAINER_STATE_FILE).exists():
             return [path]
         root = next((c for c in (path / CHECKPOINT_DIR, path) if c.is_dir() and any(c.glob("step_*"))), None)
         if root is None:

@@ -8,8 +8,8 @@
 #   slurm/local_cluster.sh env   [DIR]    print `export SLURM_CONF=...` for DIR
 #
 # DIR defaults to $RDP_SLURM_DIR or /tmp/rdp-slurm. Needs root (slurmd runs jobs as their
-# user) and the Debian packages slurmctld slurmd slurm-client munge (scripts/setup.sh
-# installs them). Nothing outside DIR is written, except /etc/hosts when the short host
+# user; as root run it directly, no sudo needed) and the Debian packages slurmctld slurmd
+# slurm-client munge (scripts/setup.sh installs them). Nothing outside DIR is written, except /etc/hosts when the short host
 # name does not resolve. Settings (environment):
 #   RDP_SLURM_CPUS          CPUs the node declares (default 8; more than the real cores
 #                           so several 1-CPU jobs run at once; SlurmdParameters=config_overrides)
@@ -120,7 +120,7 @@ node_state() { scontrol show node "$node" 2>/dev/null | sed -n 's/.*State=\([A-Z
 node_idle() { case "$(node_state)" in IDLE*|MIXED*|ALLOCATED*) return 0 ;; *) return 1 ;; esac; }
 
 start() {
-  [ "$(id -u)" = 0 ] || die "must run as root (slurmd starts jobs as their users)"
+  [ "$(id -u)" = 0 ] || die "must run as root (slurmd starts jobs as their users): sudo $0 start $state_dir"
   for binary in slurmctld slurmd munged scontrol sbatch; do
     command -v "$binary" >/dev/null || die "$binary not found; install slurmctld slurmd slurm-client munge (scripts/setup.sh)"
   done

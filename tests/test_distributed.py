@@ -50,7 +50,7 @@ def child_env() -> dict:
     return env
 
 
-def launch(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(command: list[str], timeout: int = 900) -> subprocess.CompletedProcess:  # a hang guard, generous for loaded machines
     done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done

@@ -199,3 +199,28 @@ def test_deadline_fires_the_margin_before_the_job_end_and_follows_an_extension()
     assert deadline.due() and "train.save_before_end_minutes=5" in deadline.describe()
     assert not Deadline(5 * 60, end_time=lambda: None).active  # not in a job, or no limit
     assert not Deadline(0, end_time=lambda: 1.0).active  # switched off
+
+
+def test_a_failed_background_write_stops_training_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from rdp.pretrain import checkpointing
+    from rdp.pretrain.checkpoint import CheckpointError
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.train import train
+
+    original, saves = checkpointing.save_model_weights, {"n": 0}
+
+    def disk_full(*args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_model_weights", disk_full)
+    config = load_config("tiny", [*TINY, f"train.run_dir={tmp_path}", "train.max_steps=8", "train.checkpoint_every=2"])
+    with pytest.raises(CheckpointError, match=r"checkpoint at step 4 could not be written or published \(rank 0: "
+                                              r"OSError\(28, 'No space left on device'\)\)"):
+        train(config, progress=False)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (tmp_path / "checkpoints" / "step_00000004").exists()
+    # the write failed in the background: training had gone on, and stopped at the next check
+    assert 4 < steps_logged(tmp_path)[-1] <= 6
