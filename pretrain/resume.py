@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from rdp.pretrain.checkpoint import CheckpointError
-from rdp.pretrain.config import ConfigError, ModelConfig, RunConfig, config_from_dict
+from rdp.pretrain.config import ModelConfig, RunConfig
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -20,10 +23,11 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_model_shape(directory: Path, saved: dict, config: RunConfig) -> None:
     """The checkpoint's model must have this run's parameter shapes; name the fields that differ."""
-    try:
-        saved_model = config_from_dict({"model": saved.get("model", {})}).model
-    except ConfigError as exc:
-        raise CheckpointError(f"{directory}: its config does not load ({exc})") from None
+    try:  # the model section alone, unvalidated: its other sections (objective, data) do not shape parameters
+        saved_model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.get("model", {})))
+    except OmegaConfBaseException as exc:
+        raise CheckpointError(f"{directory}: its model config does not load (field "
+                              f"{getattr(exc, 'full_key', None)!r}: {str(exc).strip().splitlines()[0]})") from None
     if parameter_shapes(saved_model) == parameter_shapes(config.model):
         return
     differ = [f"model.{f.name}={getattr(saved_model, f.name)!r} (this run: {getattr(config.model, f.name)!r})"
