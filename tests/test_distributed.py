@@ -264,6 +264,29 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(reference_run, t
     assert not list(checkpoints.glob(".tmp-*"))
 
 
+def test_each_rank_hashes_the_files_it_wrote_and_verifies_its_share(two_rank_runs, tmp_path):
+    """The manifest names the rank that wrote (and hashed) each file; at resume, rank r of W
+    hashes the files of saving ranks r, r + W, ...: a corrupted file of rank 1 is found by
+    rank 1's share of a 2-rank verification, not by rank 0's, and by a full one."""
+    from rdp.pretrain.checkpoint import verify_checkpoint
+
+    checkpoint = shutil.copytree(two_rank_runs["dp2_zero2"] / "checkpoints" / "step_00000006", tmp_path / "step")
+    files = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert all("sha256" in entry for entry in files.values())
+    writers = {name: entry["rank"] for name, entry in files.items()}
+    assert writers["rng/rank_00001.pt"] == writers["deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1
+    assert writers["rng/rank_00000.pt"] == writers["model.safetensors"] == 0
+    victim = checkpoint / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a hash finds it
+    victim.write_bytes(bytes(data))
+    assert verify_checkpoint(checkpoint, hash_share=None) is None
+    assert verify_checkpoint(checkpoint, hash_share=(0, 2)) is None
+    problem = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its recorded sha256 (corrupted)"
+    assert verify_checkpoint(checkpoint, hash_share=(1, 2)) == problem
+    assert verify_checkpoint(checkpoint) == problem
+
+
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(reference_run, tmp_path):
     from rdp.pretrain.checkpoint import load_model
     from rdp.pretrain.train import train

@@ -132,6 +132,25 @@ def test_resume_auto_continues_and_logs_a_line_every_log_every_steps(four_steps,
     assert sorted(records) == list(range(1, 10))
 
 
+class NotATensor:
+    """Unpickling this runs code of the file's choosing; a weights_only load refuses it."""
+
+
+def test_trainer_state_loads_without_unpickling_code(four_steps, tmp_path):
+    import torch
+
+    from rdp.pretrain.checkpoint import load_rng_state
+
+    checkpoint = four_steps / "checkpoints" / "step_00000004"
+    json.loads((checkpoint / "trainer_state.json").read_text())  # counters: JSON
+    rng = torch.load(checkpoint / "rng" / "rank_00000.pt", weights_only=True)  # RNG: tensors and numbers only
+    assert load_rng_state(checkpoint / "rng" / "rank_00000.pt").keys() == rng.keys()
+    pickled = tmp_path / "rank_00000.pt"
+    torch.save({"torch": NotATensor()}, pickled)
+    with pytest.warns(UserWarning, match=r"rank_00000\.pt: not restored, it needs a full unpickler"):
+        assert load_rng_state(pickled) is None
+
+
 def test_prune_keeps_checkpoints_relative_to_latest(tmp_path):
     """After a resume from an older checkpoint, "latest" is older than leftovers of the
     abandoned timeline: those and "latest" survive pruning; resume never picks a leftover."""
