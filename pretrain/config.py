@@ -48,6 +48,9 @@ class ModelConfig:
     init_std_scale: float = 1.0
     # recompute each grad iteration of the core block in backward instead of storing it
     activation_checkpointing: bool = False
+    # torch.compile the core iteration (one graph per grad mode serves every sampled (n, k)),
+    # the prelude and the decoder; the first steps of a run pay the compile time
+    compile: bool = False
     # auto: the PyTorch path (SDPA, torch ops), except Triton on CUDA for the ops a GPU run of
     # scripts/gpu_check.sh validated (kernels/dispatch.py VALIDATED_TRITON_OPS); triton | torch force one
     kernels: str = "auto"

@@ -1,7 +1,7 @@
 """The recurrent-depth transformer (huginn-0125 family): prelude, a core block iterated
 on a latent state re-injected with the prelude's output, and a coda.
 
-One forward serves training, evaluation and export (DESIGN invariant 1):
+One forward serves training, evaluation and export alike:
 `model(input_ids, num_steps=(n, k))` runs n core iterations without autograd, then k with it.
 Parallelism lives in the `LayerKit` the model is built with; fused ops come from `kernels`.
 """
@@ -187,6 +187,7 @@ class RecurrentDepthModel(nn.Module):
         self.state_std = takase_std(h)
         self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_base),
                              persistent=False)
+        self._compiled: dict[str, object] = {}  # torch.compile of the pieces, made on first use
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -212,9 +213,24 @@ class RecurrentDepthModel(nn.Module):
             state = state * self.emb_scale
         return state
 
+    def compiled(self, name: str, fn):
+        """`fn`, or with model.compile its torch.compile (made once per piece, on first use).
+        Only cache-free calls come here: nothing in them depends on the step number."""
+        if not self.config.compile:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn)
+        return self._compiled[name]
+
     def core_step(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor,
                   cache: Optional[KVCache] = None, step: int = 0) -> torch.Tensor:
         """One recurrence: s <- core(adapter(concat([s, e]))) (or HRM's, pretrain/hrm.py)."""
+        if cache is None:  # without a cache the step number changes nothing: one graph for all
+            return self.compiled("core_step", self._core_step)(state, embedded, cos_sin, None, 0)
+        return self._core_step(state, embedded, cos_sin, cache, step)
+
+    def _core_step(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor,
+                   cache: Optional[KVCache], step: int) -> torch.Tensor:
         if self.config.low_level_steps:
             return hrm.core_step(self, state, embedded, cos_sin, cache, step)
         x = self.ops.injection(state, embedded, self.transformer.adapter.weight)
@@ -244,8 +260,25 @@ class RecurrentDepthModel(nn.Module):
             raise ValueError("this model has no exit gate (it was trained without model.exit_gate=true)")
         return self.transformer.exit_gate(hrm.high_level(state, self.config.hidden_size))
 
+    def encode(self, input_ids: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Embedding (scaled) and prelude: e."""
+        if cache is None:
+            return self.compiled("encode", self._encode)(input_ids, cos_sin, None)
+        return self._encode(input_ids, cos_sin, cache)
+
+    def _encode(self, input_ids: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
+        embedded = self.embed(input_ids)
+        for block in self.transformer.prelude:
+            embedded = block(embedded, cos_sin, cache)
+        return embedded
+
     def decode(self, state: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """ln_f, coda, ln_f again (the same norm module twice, as in the spec)."""
+        if cache is None:
+            return self.compiled("decode", self._decode)(state, cos_sin, None)
+        return self._decode(state, cos_sin, cache)
+
+    def _decode(self, state: torch.Tensor, cos_sin: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
         x = self.transformer.ln_f(hrm.high_level(state, self.config.hidden_size))
         for block in self.transformer.coda:
             x = block(x, cos_sin, cache)
@@ -274,9 +307,7 @@ class RecurrentDepthModel(nn.Module):
             raise ValueError(f"positions up to {position_offset + seq} exceed model.max_seq_len={self.cos_sin.shape[0]}")
         cos_sin = self.cos_sin[position_offset:position_offset + seq]
 
-        embedded = self.embed(input_ids)
-        for block in self.transformer.prelude:
-            embedded = block(embedded, cos_sin, cache)
+        embedded = self.encode(input_ids, cos_sin, cache)
         state = self.initial_state(embedded, init_scale, generator)
         if objective is not None and labels is not None and not objective.plain:
             state, loss = objective(self, embedded, state, cos_sin, labels, n, k)
