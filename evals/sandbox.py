@@ -1,4 +1,4 @@
-"""Run untrusted generated programs (DESIGN invariant 8): one sandboxed process per sample.
+"""Run untrusted generated programs, never in the evaluator's own process: one sandboxed process per sample.
 
 Isolation is bubblewrap (`bwrap`, Debian package `bubblewrap`), for root and non-root
 evaluators alike:

@@ -1,6 +1,6 @@
 """The layer types a model is built from.
 
-Tensor parallelism enters only here (DESIGN invariant 3): the model asks a `LayerKit`
+Tensor parallelism enters only here, keeping the model free of it: the model asks a `LayerKit`
 for its linears, embedding and head, and the blocks read the same at any TP degree.
 `LocalLayers` is the single-device kit; `pretrain.parallel` provides the megatron-core one.
 """

@@ -17,7 +17,7 @@ target_t = [logit_t(label) >= max logit_t], per scored token.
 `segments` = M runs the whole (n, k) recurrence M times, each segment starting from the
 previous segment's final state detached (HRM's deep supervision), and averages their losses.
 All segments share one backward and one optimizer step: a step stays one batch, so the depth
-draw, learning rate and data position stay functions of the step (DESIGN invariants 2, 4).
+draw, learning rate and data position stay functions of the step (a resumed run repeats them).
 
 Losses are means over scored tokens (labels != -100), like the plain loss, so `last` with one
 segment and no halting is exactly the model's default loss (the model takes that path itself).

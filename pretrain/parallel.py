@@ -2,7 +2,7 @@
 (and in the trainer at TP = 1 too, so there is one code path), and the mapping between a
 full (single-device) state dict and each rank's shard.
 
-Layout (DESIGN invariant 3: the blocks read the same at any TP degree):
+Layout (the blocks read the same at any TP degree):
 - attention Wqkv: column-parallel; the full output is [all q | all k | all v], rank r holds
   [q_r | k_r | v_r] for its heads, so sharding permutes rows (interleave=3);
 - MLP fc: column-parallel, rank r holds [gate_r | up_r] (interleave=2);

@@ -48,7 +48,7 @@ write_config() {
   mkdir -p "$state_dir/pmix"
   echo "PMIxCliTmpDirBase=$state_dir/pmix" >"$state_dir/mpi.conf"
   cat >"$state_dir/slurm.conf" <<EOF
-# written by slurm/local_cluster.sh; see ../shared/notes/local-slurm.md for why each line
+# written by slurm/local_cluster.sh; the comments below say why a line is needed
 ClusterName=rdp-local
 SlurmctldHost=$node
 SlurmctldPort=$ctld_port

@@ -1,4 +1,4 @@
-"""The model is exactly the huginn-0125 function (specs/huginn-0125.md)."""
+"""The model is exactly the huginn-0125 function (docs/model.md)."""
 from __future__ import annotations
 
 import math
