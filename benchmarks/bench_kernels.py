@@ -18,6 +18,7 @@ say nothing about GPU performance.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=0, help="timed calls (default: 100 on GPU, 1 on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--only", default="", help="comma-separated op names")
+    parser.add_argument("--json", default="", help="also write every timing to this file (scripts/gpu_check.sh)")
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -233,6 +235,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     wanted = set(filter(None, args.only.split(",")))
+    records = []
     for name, mode, work, unit, impls in rows(shapes, dtype, device, T):
         if wanted and name not in wanted:
             continue
@@ -252,6 +255,8 @@ def main() -> None:
                 timings[impl] = None
                 torch.cuda.empty_cache()
         base = timings.get("triton")
+        records += [dict(op=name, mode=mode, impl=impl, seconds=seconds, work=work, unit=unit)
+                    for impl, seconds in timings.items()]
         for impl, seconds in timings.items():
             if seconds is None:
                 print(f"{name:22s} {mode:8s} {impl:16s} {'OOM':>11s}")
@@ -269,6 +274,9 @@ def main() -> None:
           "(bytes = the minimum the op must read + write).")
     print("# speed-up of triton = baseline time / triton time (> 1: Triton is faster); "
           "peak MiB = memory one call allocates above what was live before it.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=label, dtype=str(dtype), shapes=shapes.__dict__,
+                                                   rows=records), indent=1))
 
 
 if __name__ == "__main__":
