@@ -31,11 +31,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning OpenMP threads
 
-import torch  # noqa: E402
-
-from rdp.pretrain.config import load_config  # noqa: E402
-from rdp.pretrain.model import build_model, model_from_state_dict  # noqa: E402
-
 REFERENCE_FILES = ("raven_modeling_minimal.py", "raven_config_minimal.py")
 
 
@@ -93,6 +88,11 @@ def main() -> int:
     missing = [name for name in REFERENCE_FILES if not (args.reference_dir / name).is_file()]
     if missing:
         raise SystemExit(f"bench_reference: {args.reference_dir} lacks {', '.join(missing)}")
+    import torch  # imported once the arguments are known to be usable
+
+    from rdp.pretrain.config import load_config
+    from rdp.pretrain.model import build_model, model_from_state_dict
+
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
