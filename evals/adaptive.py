@@ -91,6 +91,15 @@ def learned_exit_forward(model, input_ids: torch.Tensor, max_depth: int, q: floa
     CDF reaches q (or at max_depth): a stopped position keeps its state, which the others
     still attend to. Returns (logits, iterations used per position). For tasks scored in one
     forward (evals/reasoning.py); generation exits token by token in evals/runner.py."""
+    (_, logits, steps), = learned_exit_depths(model, input_ids, [max_depth], q, init_scale)
+    return logits, steps
+
+
+@torch.no_grad()
+def learned_exit_depths(model, input_ids: torch.Tensor, caps: list[int], q: float, init_scale: float = 0.0):
+    """(cap, logits, iterations used per position) for every depth cap, from one pass of
+    max(caps) iterations: where a position stops never depends on the cap (its own exit, or
+    the cap itself), so the state at cap c is learned_exit_forward's with max_depth = c."""
     if not 0 < q <= 1:
         raise ValueError(f"exit threshold of the learned exit is a CDF level q in (0, 1], got {q}")
     cos_sin = model.cos_sin[:input_ids.shape[1]]
@@ -101,12 +110,12 @@ def learned_exit_forward(model, input_ids: torch.Tensor, max_depth: int, q: floa
     log_survival = torch.zeros(input_ids.shape, device=input_ids.device)
     steps = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    for step in range(max_depth):
-        state = torch.where(done[..., None], state, model.core_step(state, embedded, cos_sin, step=step))
-        steps += ~done
-        log_survival = log_survival + F.logsigmoid(-model.exit_logits(state))
-        done = done | exit_cdf_reached(log_survival, q)
-        if bool(done.all()):
-            break
-    logits = model.kit.head_logits(model.decode(state, cos_sin), model.head_weight)
-    return logits, steps
+    step = 0
+    for cap in sorted(set(caps)):
+        while step < cap and not bool(done.all()):
+            state = torch.where(done[..., None], state, model.core_step(state, embedded, cos_sin, step=step))
+            steps += ~done
+            log_survival = log_survival + F.logsigmoid(-model.exit_logits(state))
+            done = done | exit_cdf_reached(log_survival, q)
+            step += 1
+        yield cap, model.kit.head_logits(model.decode(state, cos_sin), model.head_weight), steps.clone()

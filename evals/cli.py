@@ -77,6 +77,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     rs.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's train.max_steps)")
     rs.add_argument("--depths", type=_ints, default=[1, 2, 4, 8, 16, 32])
     rs.add_argument("--examples", type=int, default=256, help="examples per (split, depth); a file split: at most its lines")
+    rs.add_argument("--exit-criterion", choices=["learned"], default=None,
+                    help="learned: each depth is a cap, every position stops where the exit gate says "
+                         "(train with model.exit_gate=true objective.loss=expected_exit)")
+    rs.add_argument("--exit-threshold", type=float, default=None, help="the learned exit's CDF level q (default 0.5)")
     rs.add_argument("--no-progress", action="store_true")
     rs.set_defaults(handler=run_reasoning)
 
@@ -111,7 +115,8 @@ def run_reasoning(args: argparse.Namespace) -> int:
     from rdp.evals.reasoning import train_and_sweep
 
     sweep = train_and_sweep(args.task, args.out, args.preset, args.overrides, steps=args.steps, depths=args.depths,
-                            examples=args.examples, progress=not args.no_progress)
+                            examples=args.examples, progress=not args.no_progress,
+                            exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold)
     print((sweep.out / "results.md").read_text())
     print(f"rdp reasoning: model in {sweep.cfg.checkpoint}, results in {sweep.out} (results.json, results.md, "
           f"results.png)")

@@ -49,9 +49,14 @@ def depth_logits(model, input_ids: torch.Tensor, depths: list[int]):
 
 @torch.no_grad()
 def score_split_depths(model, task: Task | str, split: str, depths: list[int], num_examples: int = 256,
-                       batch_size: int = 64, seed: int = 0) -> dict[int, dict]:
-    """depth -> exact_match (+ its binomial stderr), position_accuracy, loss and
-    accuracy_by_difficulty of `model` on one split, with the deterministic initial state."""
+                       batch_size: int = 64, seed: int = 0, exit_threshold: float | None = None) -> dict[int, dict]:
+    """depth -> exact_match (+ its binomial stderr), position_accuracy, loss,
+    accuracy_by_difficulty and mean_steps of `model` on one split, with the deterministic
+    initial state. With `exit_threshold` q each depth is a cap and every position stops where
+    the model's exit gate says (`--exit-criterion learned`); mean_steps is then the mean
+    number of iterations over the scored positions."""
+    from rdp.evals.adaptive import learned_exit_depths
+
     task = load_task(task) if isinstance(task, str) else task
     config = getattr(model, "config", None)
     if config is not None:  # ids outside the model's vocabulary fail here, naming the file and line
@@ -59,28 +64,38 @@ def score_split_depths(model, task: Task | str, split: str, depths: list[int], n
     count = examples_in(task, split, num_examples)
     device = next(model.parameters()).device
     scores = {depth: TaskScore() for depth in sorted(set(depths))}
+    steps_used, scored = dict.fromkeys(scores, 0), 0
     for first in range(0, count, batch_size):
         batch = task.batch(split, first, min(batch_size, count - first), seed)
-        for depth, logits in depth_logits(model, batch.inputs.to(device), list(scores)):
+        inputs, mask = batch.inputs.to(device), batch.labels != -100
+        scored += int(mask.sum())
+        if exit_threshold is None:
+            passes = ((depth, logits, None) for depth, logits in depth_logits(model, inputs, list(scores)))
+        else:
+            passes = learned_exit_depths(model, inputs, list(scores), exit_threshold)
+        for depth, logits, steps in passes:
             logits = logits.float().cpu()
             scores[depth].add(logits.argmax(-1), batch.labels, batch.difficulty, logits)
+            steps_used[depth] += depth * int(mask.sum()) if steps is None else int(steps.cpu()[mask].sum())
     out = {}
     for depth, score in scores.items():
         out[depth] = score.summary()
         accuracy = out[depth]["exact_match"]
         out[depth]["stderr"] = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(1, count))
+        out[depth]["mean_steps"] = steps_used[depth] / max(1, scored)
     return out
 
 
 def score_split(model, task: Task | str, split: str, depth: int, num_examples: int = 256, batch_size: int = 64,
-                seed: int = 0) -> dict:
+                seed: int = 0, exit_threshold: float | None = None) -> dict:
     """score_split_depths at one depth."""
-    return score_split_depths(model, task, split, [depth], num_examples, batch_size, seed)[depth]
+    return score_split_depths(model, task, split, [depth], num_examples, batch_size, seed, exit_threshold)[depth]
 
 
 def train_and_sweep(task_spec: str, out: str | None, preset: str = "reasoning", overrides: list[str] | None = None,
                     steps: int | None = None, depths: list[int] | None = None, examples: int = 256,
-                    progress: bool = True, echo: bool = True):
+                    progress: bool = True, echo: bool = True, exit_criterion: str | None = None,
+                    exit_threshold: float | None = None):
     """`rdp reasoning`: train through the normal trainer (DeepSpeed engine, checkpoints,
     resume) on the task's train split, then sweep every test split at every depth."""
     from pathlib import Path
@@ -99,9 +114,15 @@ def train_and_sweep(task_spec: str, out: str | None, preset: str = "reasoning", 
     if steps is not None:
         settings.append(f"train.max_steps={steps}")
     config = load_task_config(preset, settings + list(overrides or []))
+    if exit_criterion == "learned" and not config.model.exit_gate:  # refused before training, not after
+        from rdp.pretrain.config import ConfigError
+
+        raise ConfigError("--exit-criterion learned needs model.exit_gate=true (with objective.loss=expected_exit "
+                          "or objective.halting_weight > 0) in the training config")
     train(config, progress=progress)
     cfg = SweepConfig(checkpoint=str(run_dir), tasks=[task_spec], depths=list(depths or [1, 2, 4, 8, 16, 32]),
-                      out_dir=str(out / "eval"), reasoning_examples=examples, seed=config.data.seed)
+                      out_dir=str(out / "eval"), reasoning_examples=examples, seed=config.data.seed,
+                      exit_criterion=exit_criterion, exit_threshold=exit_threshold)
     sweep = Sweep(cfg, progress=progress, echo=echo)
     sweep.run()
     return sweep

@@ -26,8 +26,9 @@ def markdown_table(document: dict) -> str:
     lines = [f"Checkpoint: `{document.get('checkpoint', '?')}`", ""]
     if adaptive:
         s = document["settings"]
-        lines += [f"Adaptive exit: {s['exit_criterion']} < {s.get('exit_threshold')}; depth = step cap, "
-                  "(steps) = mean recurrence steps used per token", ""]
+        rule = (f"learned (exit once the gate's CDF reaches q = {s.get('exit_threshold') or 0.5})"
+                if s["exit_criterion"] == "learned" else f"{s['exit_criterion']} < {s.get('exit_threshold')}")
+        lines += [f"Adaptive exit: {rule}; depth = step cap, (steps) = mean recurrence steps used per token", ""]
     lines.append("| task | metric | " + " | ".join(f"r={d}" for d in depths) + " |")
     lines.append("|---|---|" + "---|" * len(depths))
     for task, per_depth in results.items():

@@ -116,6 +116,9 @@ class Sweep:
                           continuous_compute=cfg.continuous_compute)
         except ValueError as exc:
             raise SweepError(str(exc)) from None
+        if cfg.exit_criterion not in (None, "learned") and any(is_reasoning_task(t) for t in cfg.tasks):
+            raise SweepError(f"--exit-criterion {cfg.exit_criterion} is not supported on reasoning tasks (scored in one "
+                             "forward, not token by token): use learned (a model with an exit gate) or none")
         if "humaneval" in cfg.tasks and not cfg.unsafe_no_sandbox:  # refuse now, not after the other tasks
             from rdp.evals.sandbox import SandboxUnavailable, bubblewrap
 
@@ -210,6 +213,17 @@ class Sweep:
                                              include_defaults=self.plan.needs_builtin)
         return self._task_manager
 
+    def _learned_exit_q(self) -> Optional[float]:
+        """The CDF level q of `--exit-criterion learned` on a reasoning task, None for fixed depths."""
+        if self.cfg.exit_criterion != "learned":
+            return None
+        if "exit_gate" not in self.model().transformer:
+            raise SweepError(f"--exit-criterion learned needs a model trained with an exit gate (model.exit_gate=true); "
+                             f"{self.checkpoint.path} has none")
+        from rdp.evals.adaptive import ExitCriterion
+
+        return ExitCriterion("learned", self.cfg.exit_threshold).threshold
+
     # ---- one (task, depth) ------------------------------------------------------------------
     def rows(self) -> list[tuple[str, str]]:
         """(row name in the table, task) pairs; a reasoning task gives one row per split."""
@@ -232,10 +246,12 @@ class Sweep:
             if depth not in self._reasoning.get(row, {}):  # every depth still to do, in one pass
                 todo = {d for d in c.depths if str(d) not in self.document["results"].get(row, {})} | {depth}
                 self._reasoning[row] = score_split_depths(self.model(), task, row.rsplit("/", 1)[1], sorted(todo),
-                                                          c.reasoning_examples, seed=c.seed)
+                                                          c.reasoning_examples, seed=c.seed,
+                                                          exit_threshold=self._learned_exit_q())
             scores = dict(self._reasoning[row][depth])
-            return {"score": scores["exact_match"], "stderr": scores.pop("stderr"), "metric": "exact_match",
-                    "all": scores, "mean_steps": float(depth)}
+            stderr, mean_steps = scores.pop("stderr"), scores.pop("mean_steps")
+            return {"score": scores["exact_match"], "stderr": stderr, "metric": "exact_match", "all": scores,
+                    "mean_steps": mean_steps}
         lm = self.lm(depth)
         if task == "humaneval":
             from rdp.evals.humaneval import run_humaneval
