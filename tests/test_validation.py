@@ -116,3 +116,38 @@ def test_validation_during_training_logs_every_depth_and_resumes_exactly(shards,
     assert rdp(["train", "tiny", "--no-progress", *MODEL, "data.source=webdataset",
                 f"data.paths=[{root / 'shards' / 'validation'}]", f"data.seq_len={SEQ_LEN}", "train.eval_every=2",
                 f"train.run_dir={tmp_path / 'c'}"]) == 2
+
+
+def test_a_task_directory_trains_resumes_exactly_and_validates_every_split(tmp_path, capsys):
+    """`rdp train reasoning data.source=task:DIR`: a resume from a checkpoint (mid-epoch of the
+    task's train split) repeats the uninterrupted run, losses, data position and validation;
+    validation covers every test split at every depth in metrics.jsonl, TensorBoard (one
+    curve per depth) and the end-of-run table."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    task = tmp_path / "copy"
+    task.mkdir()
+    splits = {"train": [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12, 13], [5, 9, 2]], "short": [[1, 2], [7, 3]],
+              "long": [[1, 2, 3, 4, 5, 6], [9, 8, 7, 6]]}
+    for split, inputs in splits.items():
+        (task / f"{split}.jsonl").write_text("".join(
+            json.dumps({"input": x, "labels": [-100] + x[1:], "difficulty": len(x)}) + "\n" for x in inputs))
+    settings = ["--no-progress", f"data.source=task:{task}", "train.max_steps=4", "train.checkpoint_every=2",
+                "train.eval_every=2", "train.eval_depths=[1,3]", "train.micro_batch_size=3"]
+    assert rdp(["train", "reasoning", *settings, f"train.run_dir={tmp_path / 'a'}"]) == 0
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation" in r] == [2, 4]
+    assert set(records[3]["validation"]) == {"short", "long"} and set(records[3]["validation"]["long"]) == {"1", "3"}
+    table = f"  long        {records[3]['validation']['long']['1']['exact_match']:>8.3f}"
+    assert "validation exact match by test-time depth" in printed and table in printed
+    events = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "a" / "tensorboard"))
+    events.Reload()
+    for tag in ("validation/short/exact_match", "validation/long/position_accuracy"):
+        assert len({run for run, tags in events.Runs().items() if tag in tags.get("scalars", [])}) == 2
+    assert rdp(["train", "reasoning", *settings, f"train.run_dir={tmp_path / 'b'}",
+                f"train.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000002'}"]) == 0
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data_position"] for r in resumed] == [9, 12]  # the second epoch of 5 examples
+    assert [(r["loss"], r["data_position"], r.get("validation")) for r in resumed] == \
+        [(r["loss"], r["data_position"], r.get("validation")) for r in records[2:]]
