@@ -113,8 +113,10 @@ def test_reasoning_sweep_with_the_learned_exit_records_mean_steps_per_cap(tmp_pa
             assert entry["score"] == pytest.approx(exact, abs=1e-9)
             right = (logits.argmax(-1) == batch.labels)[scored].float().mean().item()
             assert entry["all"]["position_accuracy"] == pytest.approx(right, abs=1e-9)
-            used.append(steps[scored])
-    assert 1 < torch.cat(used).float().mean() < 8 and len(torch.cat(used).unique()) > 3  # positions exit apart
+            if cap == max(caps):
+                used.append(steps[scored])
+    used = torch.cat(used)  # positions exit on their own, at different iterations, before the deepest cap
+    assert used.float().mean() < max(caps) and len(used.unique()) > 1
     assert "learned (exit once the gate's CDF reaches q = 0.7)" in (out / "results.md").read_text()
     capsys.readouterr()
 
