@@ -186,8 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--num-steps", default="24,8", help="(n, k) of the timed training steps")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: checks,timings,train")
-    parser.add_argument("--checks-timeout", type=int, default=240)
-    parser.add_argument("--timings-timeout", type=int, default=150)
+    parser.add_argument("--checks-timeout", type=int, default=210)
+    parser.add_argument("--timings-timeout", type=int, default=180)
     args = parser.parse_args(argv)
     require_cuda()
     import torch
@@ -197,16 +197,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     python = sys.executable
     parts, checks, timings, train = {}, None, None, None
+
+    def save() -> dict:  # after every part: a later part that fails or is killed keeps the earlier ones
+        report = assemble(checks, timings, train, parts, torch.cuda.get_device_name())
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        return report
+
     if "checks" not in skip:
         xml = out / "checks.xml"
         parts["checks"] = run_part([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
                                     "tests/kernels/interpreted_checks.py"], args.checks_timeout, out / "checks.log")
         checks = parse_junit(xml) if xml.exists() else None
+        save()
     if "timings" not in skip:
         path = out / "timings.json"
         parts["timings"] = run_part([python, "benchmarks/bench_kernels.py", "--json", str(path)],
                                     args.timings_timeout, out / "timings.log")
         timings = json.loads(path.read_text()) if path.exists() else None
+        save()
     if "train" not in skip:
         n, k = (int(v) for v in args.num_steps.split(","))
         started = time.perf_counter()
@@ -218,8 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 parts.setdefault("train_oom", []).append(f"{layers}: {str(exc).splitlines()[0]}")
                 torch.cuda.empty_cache()
         parts["train"] = dict(seconds=time.perf_counter() - started)
-    report = assemble(checks, timings, train, parts, torch.cuda.get_device_name())
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    report = save()
     print(f"gpu_check: wrote {out / 'report.json'}; validated_ops = {report['validated_ops']}")
     if train:
         print(f"gpu_check: train step {train['layers']} of {train['full_layers']}: "
