@@ -9,10 +9,10 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import json
 import os
 from typing import Iterator
 
+from rdp.data_pipeline.jsonl import read_jsonl
 from rdp.data_pipeline.manifest import DataError
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".parquet")
@@ -64,18 +64,11 @@ def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
                     if text:
                         yield text
         else:
-            with _open_text(path) as f:
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise DataError(f"{path}:{line_number}: no string field {text_field!r}")
-                    if record[text_field]:
-                        yield record[text_field]
+            for line_number, record in read_jsonl(path):
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise DataError(f"{path}:{line_number}: no string field {text_field!r}")
+                if record[text_field]:
+                    yield record[text_field]
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
 

@@ -6,13 +6,13 @@ and the padding masked). Every problem is reported as one line naming the file a
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from rdp.data_pipeline.jsonl import read_jsonl
 from rdp.data_pipeline.manifest import DataError
 
 IGNORE = -100
@@ -58,36 +58,29 @@ def read_split(path: Path) -> SplitFile:
     if not path.is_file():
         raise DataError(f"{path}: no such split file")
     inputs, labels, difficulty = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or "input" not in record or "labels" not in record:
-                raise DataError(f"{path}:{number}: expected an object with \"input\" and \"labels\"")
-            x = _ids(record["input"], path, number, "input")
-            y = _ids(record["labels"], path, number, "labels")
-            if len(x) != len(y):
-                raise DataError(f"{path}:{number}: \"input\" has {len(x)} ids but \"labels\" has {len(y)}; "
-                                f"they must have equal length")
-            if (x < 0).any():
-                raise DataError(f"{path}:{number}: input id {int(x[x < 0][0])} is negative")
-            if ((y < 0) & (y != IGNORE)).any():
-                raise DataError(f"{path}:{number}: label {int(y[(y < 0) & (y != IGNORE)][0])} is negative "
-                                f"(only -100, not scored, may be)")
-            if (y == IGNORE).all():
-                raise DataError(f"{path}:{number}: every label is -100; the line scores nothing")
-            level = record.get("difficulty")
-            if level is None:
-                level = NO_DIFFICULTY
-            elif not isinstance(level, int) or isinstance(level, bool) or level < 0:
-                raise DataError(f"{path}:{number}: \"difficulty\" must be a non-negative integer, got {level!r}")
-            inputs.append(x)
-            labels.append(y)
-            difficulty.append(level)
+    for number, record in read_jsonl(path):
+        if not isinstance(record, dict) or "input" not in record or "labels" not in record:
+            raise DataError(f"{path}:{number}: expected an object with \"input\" and \"labels\"")
+        x = _ids(record["input"], path, number, "input")
+        y = _ids(record["labels"], path, number, "labels")
+        if len(x) != len(y):
+            raise DataError(f"{path}:{number}: \"input\" has {len(x)} ids but \"labels\" has {len(y)}; "
+                            f"they must have equal length")
+        if (x < 0).any():
+            raise DataError(f"{path}:{number}: input id {int(x[x < 0][0])} is negative")
+        if ((y < 0) & (y != IGNORE)).any():
+            raise DataError(f"{path}:{number}: label {int(y[(y < 0) & (y != IGNORE)][0])} is negative "
+                            f"(only -100, not scored, may be)")
+        if (y == IGNORE).all():
+            raise DataError(f"{path}:{number}: every label is -100; the line scores nothing")
+        level = record.get("difficulty")
+        if level is None:
+            level = NO_DIFFICULTY
+        elif not isinstance(level, int) or isinstance(level, bool) or level < 0:
+            raise DataError(f"{path}:{number}: \"difficulty\" must be a non-negative integer, got {level!r}")
+        inputs.append(x)
+        labels.append(y)
+        difficulty.append(level)
     if not inputs:
         raise DataError(f"{path}: empty file (no examples)")
     return SplitFile(path, inputs, labels, np.asarray(difficulty, dtype=np.int64))

@@ -8,10 +8,12 @@ pool of plain `gsm8k`), or a single jsonl file used as the test split.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
+
+from rdp.data_pipeline.jsonl import read_jsonl
+from rdp.data_pipeline.manifest import DataError
 
 LOCAL_SUFFIX = "_local"
 UPSTREAM_FILES = {"gsm8k": "gsm8k.yaml", "gsm8k_cot": "gsm8k-cot.yaml"}
@@ -25,17 +27,13 @@ def _upstream_config(task: str) -> dict:
 
 
 def _check_jsonl(path: Path) -> None:
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            missing = {"question", "answer"} - set(row)
-            if missing:
-                raise ValueError(f"{path}:{number}: GSM8K rows need 'question' and 'answer', missing {sorted(missing)}")
+    """DataError (one line at the CLI, naming file:line) before lm-eval's loader sees the file."""
+    for number, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: GSM8K rows are JSON objects, got {type(row).__name__}")
+        missing = {"question", "answer"} - set(row)
+        if missing:
+            raise DataError(f"{path}:{number}: GSM8K rows need 'question' and 'answer', missing {sorted(missing)}")
 
 
 def write_local_tasks(data_path: str | Path, out_dir: str | Path) -> dict[str, str]:
