@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from distributed_helpers import faulty_loss_forward
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # the tiny preset, smaller batches; vocab 127 and intermediate 151 are not divisible by 2,
@@ -334,34 +336,13 @@ def test_single_process_cli_stops_on_signal_at_a_step_boundary_and_resumes(refer
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
-    import torch
-
     from rdp.pretrain import engine
     from rdp.pretrain.checkpoint import load_model
     from rdp.pretrain.train import TrainingError, train
 
-    class NanGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan")
-
-    calls = {"n": 0}
-    original = engine.LossOnly.forward
-
-    def faulty(self, *args, **kwargs):
-        calls["n"] += 1  # one call per micro-batch = per step here
-        loss = original(self, *args, **kwargs)
-        if calls["n"] == 2:
-            return NanGradient.apply(loss)  # finite loss, non-finite gradient
-        if calls["n"] in (4, 5):
-            return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(engine.LossOnly, "forward", faulty)
+    # one micro-batch per step here: a bad gradient at step 2, a bad loss at steps 4 and 5
+    monkeypatch.setattr(engine.LossOnly, "forward",
+                        faulty_loss_forward(engine.LossOnly.forward, nan_gradient_at={2}, nan_loss_at={4, 5}))
     with pytest.raises(TrainingError, match=r"step 5: .*non-finite for 2 steps in a row"):
         train(config(tmp_path, "train.max_steps=8", "train.checkpoint_every=1", "parallel.zero_stage=2",
                      "train.max_bad_steps=2"), progress=False)

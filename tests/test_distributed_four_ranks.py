@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distributed_helpers import faulty_loss_forward  # noqa: E402
 from test_distributed import PYTHON, config, launch, losses, metrics  # noqa: E402
 
 EXACT_ENOUGH = 1e-5
@@ -136,24 +137,8 @@ def _worker(spec_file: str) -> None:
             torch.save(full, out / f"tp{tp}.pt")
     for run_dir, scenario in spec["runs"].items():
         original = engine.LossOnly.forward
-        if "nan" in scenario and rank == scenario["nan"][0]:
-            calls = {"n": 0}
-
-            class NanGradient(torch.autograd.Function):  # finite loss, non-finite gradient
-                @staticmethod
-                def forward(ctx, x):
-                    return x.clone()
-
-                @staticmethod
-                def backward(ctx, grad):
-                    return grad * float("nan")
-
-            def faulty(self, *args, _at=scenario["nan"][1], **kwargs):
-                loss = original(self, *args, **kwargs)
-                calls["n"] += 1  # one forward per step here
-                return NanGradient.apply(loss) if calls["n"] == _at else loss
-
-            engine.LossOnly.forward = faulty
+        if "nan" in scenario and rank == scenario["nan"][0]:  # one forward per step here
+            engine.LossOnly.forward = faulty_loss_forward(original, nan_gradient_at={scenario["nan"][1]})
         try:
             train(config(run_dir, *scenario["overrides"]), progress=False)
         finally:
