@@ -15,7 +15,8 @@ Resuming: rank 0 lists the candidates ("latest", then older) and broadcasts them
 rank 0 checks that every file is there with its recorded size, and every rank hashes its own
 share of the files (those written by the ranks r, r + W, r + 2W, ... of the saving run), in
 parallel; the first candidate no rank objects to is loaded by all, and each rank then
-checks that it holds that step.
+checks that it holds that step. Only rank 0 reads "latest": ranks whose views of the run
+dir differ (a node behind on a shared filesystem) still load one step, or all refuse.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ class Checkpointer:
             mine = structure[0] or verify_checkpoint(candidate, hash_share=(self.ctx.rank, self.ctx.world_size))
             every = [None] * self.ctx.world_size
             dist.all_gather_object(every, mine)
-            found = sorted({p for p in every if p})
+            found = _naming_ranks(every)
             if not found:
                 return candidate
             problems.append(f"{candidate.name}: {'; '.join(found)}")
@@ -166,6 +167,16 @@ class Checkpointer:
         if low != high or (expected is not None and high != expected):
             raise CheckpointError(f"{directory}: ranks loaded different steps ({low}..{high}, expected {expected}); "
                                   f"the checkpoint's files disagree with each other")
+
+
+def _naming_ranks(reports: list[Optional[str]]) -> list[str]:
+    """Each problem once; one that only some ranks see names them (their view of the run dir
+    differs: a node behind on a shared filesystem, say), so the error says where to look."""
+    named = []
+    for problem in sorted({p for p in reports if p}):
+        ranks = [str(r) for r, p in enumerate(reports) if p == problem]
+        named.append(problem if len(ranks) == len(reports) else f"{problem} (on rank {', '.join(ranks)} only)")
+    return named
 
 
 def resume_candidates(resume: str, root: Path) -> list[Path]:

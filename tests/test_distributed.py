@@ -1,5 +1,6 @@
 """Distributed training on gloo, on this machine: megatron-core TP, DeepSpeed ZeRO 0-3,
-exact resume, crash safety of checkpoints, DP resharding, launchers.
+exact resume, crash safety of checkpoints, one resume step for ranks whose views of the run
+dir differ, DP resharding, launchers.
 
 The 2-rank runs share one torchrun launch (megatron/DeepSpeed imports are paid once) and
 the 1-rank runs happen in this process. Run as a script, this file is the worker those
@@ -289,6 +290,60 @@ def test_each_rank_hashes_the_files_it_wrote_and_verifies_its_share(two_rank_run
     assert verify_checkpoint(checkpoint) == problem
 
 
+def test_ranks_with_different_views_of_the_run_dir_resume_one_step(two_rank_runs, tmp_path):
+    """Each rank of a 2-rank resume sees its own copy of the run dir at the same (relative)
+    path, as nodes whose views of a shared filesystem differ. Rank 0 alone chooses the step: a
+    newer "latest" that only rank 1 sees is ignored; a checkpoint incomplete on rank 1 is
+    passed over on both ranks; a run dir where rank 1 sees no checkpoint is refused on both
+    with the same one line, naming the rank."""
+    source = two_rank_runs["dp2_zero2"] / "checkpoints"  # checkpoints at steps 3 and 6
+    step3, step6 = "step_00000003", "step_00000006"
+    views = {  # scenario: per rank, (the checkpoints it sees, what its "latest" names)
+        "newer_latest_on_rank_1": [([step3], step3), ([step3, step6], step6)],
+        "incomplete_on_rank_1": [([step3, step6], step6), ([step3, step6], step6)],
+        "nothing_on_rank_1": [([step3, step6], step6), ([], None)],
+    }
+    scenarios = {}
+    for scenario, ranks in views.items():
+        for rank, (steps, latest) in enumerate(ranks):
+            checkpoints = tmp_path / scenario / f"rank{rank}" / "run" / "checkpoints"
+            checkpoints.mkdir(parents=True)
+            for name in steps:
+                shutil.copytree(source / name, checkpoints / name)
+            if latest:
+                (checkpoints / "latest").write_text(latest)
+        max_steps = 6 if scenario == "nothing_on_rank_1" else 3  # 3: stop right after loading
+        scenarios[str(tmp_path / scenario)] = ["parallel.zero_stage=2", "train.resume=auto", f"train.max_steps={max_steps}"]
+    shard = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (tmp_path / "incomplete_on_rank_1" / "rank1" / "run" / "checkpoints" / step6 / shard).unlink()
+    spec = write_spec(tmp_path / "spec.json", scenarios)
+    launch([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(Path(__file__)), "resume-views", str(spec)], timeout=600)
+
+    def outcome(scenario, rank):
+        return json.loads((tmp_path / scenario / f"rank{rank}" / "outcome.json").read_text())
+
+    for scenario in ("newer_latest_on_rank_1", "incomplete_on_rank_1"):
+        for rank in (0, 1):
+            seen = outcome(scenario, rank)
+            assert (seen["loaded"], seen["step"], seen["error"]) == ([f"run/checkpoints/{step3}"], 3, None), \
+                (scenario, rank, seen)
+    assert outcome("newer_latest_on_rank_1", 0)["warnings"] == []
+    assert outcome("incomplete_on_rank_1", 0)["warnings"] == [
+        f"checkpoint run/checkpoints/{step6} is unusable ({shard} is missing (on rank 1 only)); "
+        f"falling back to the previous one"]
+    refused = ("run/checkpoints: no intact checkpoint to resume from: "
+               f"{step6}: no manifest.json (incomplete write) (on rank 1 only); "
+               f"{step3}: no manifest.json (incomplete write) (on rank 1 only) "
+               "(move them aside to start over, or pass an intact checkpoint as train.resume=PATH)")
+    for rank in (0, 1):
+        seen = outcome("nothing_on_rank_1", rank)
+        assert (seen["loaded"], seen["step"], seen["error"]) == ([], None, refused), (rank, seen)
+    assert outcome("nothing_on_rank_1", 0)["warnings"] == [
+        f"checkpoint run/checkpoints/{name} is unusable (no manifest.json (incomplete write) (on rank 1 only)); "
+        f"falling back to the previous one" for name in (step6, step3)]
+
+
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(reference_run, tmp_path):
     from rdp.pretrain.checkpoint import load_model
     from rdp.pretrain.train import train
@@ -407,6 +462,38 @@ def _block_in_checkpoint(spec_file: str, marker: str, background: str = "") -> N
     _worker(spec_file)
 
 
+def _resume_views(spec_file: str) -> None:
+    """Each rank runs in SCENARIO/rank<R>/ with train.run_dir=run: its own view of the run dir.
+    Writes what it loaded (or the error that refused the resume) to SCENARIO/rank<R>/outcome.json."""
+    import warnings
+
+    from rdp.pretrain import train as train_module
+    from rdp.pretrain.checkpoint import CheckpointError
+
+    original = train_module.Trainer.load_checkpoint
+    for scenario, extra in _scenarios(spec_file):
+        view = Path(scenario) / f"rank{os.environ['RANK']}"
+        os.chdir(view)
+        loaded = []
+
+        def recording(self, directory, _loaded=loaded):
+            _loaded.append(str(directory))
+            return original(self, directory)
+
+        train_module.Trainer.load_checkpoint = recording
+        step, error = None, None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                step = train_module.train(config("run", *extra), progress=False).final_step
+            except CheckpointError as exc:
+                error = str(exc)
+        train_module.Trainer.load_checkpoint = original
+        notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "checkpoint" in str(w.message)]
+        (view / "outcome.json").write_text(json.dumps({"loaded": loaded, "step": step, "error": error,
+                                                       "warnings": notes}))
+
+
 def _slow_cli(spec_file: str) -> None:
     """`rdp train` with a pause after each step, so a signal lands mid-run."""
     from rdp.launch.cli import main
@@ -427,4 +514,6 @@ def _slow_cli(spec_file: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     mode, *arguments = sys.argv[1:]
-    {"worker": _worker, "block-in-checkpoint": _block_in_checkpoint, "slow-cli": _slow_cli}[mode](*arguments)
+    modes = {"worker": _worker, "block-in-checkpoint": _block_in_checkpoint, "slow-cli": _slow_cli,
+             "resume-views": _resume_views}
+    modes[mode](*arguments)
