@@ -3,7 +3,9 @@ it, and checks the pointer-chasing curves against the targets:
 
 - on every harder split (never trained): exact match at depth 1 <= 0.05 and at the best
   depth >= 0.9 (the model needs its iterations, and they suffice);
-- no overthinking: exact match at depth 32 within 5% of the best depth's (>= 0.95 x best).
+- no overthinking: exact match at depth 32 within 5% of the best depth's (>= 0.95 x best),
+  or, when the model has a learned exit, the learned exit (capped at 32) reaching the best
+  accuracy (>= 0.95 x best) with fewer mean steps than the best fixed depth.
 
     .venv/bin/python benchmarks/bench_demo.py [--out DIR] [demo options, e.g. --steps 3000]
 
@@ -49,6 +51,7 @@ def main() -> int:
         return done.returncode
     document = json.loads((out / "pointer_chasing.json").read_text())
     curves, levels = document["exact_match"], document["difficulty"]
+    exits = document.get("learned_exit", {})
     print(f"command: {' '.join(command[1:])}")
     print(f"rdp demo wall time: {seconds:.0f} s on {os.cpu_count()} CPUs (CPU time {cpu_seconds:.0f} s); load average "
           f"before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min), {load_after[1]:.1f} (5 min)")
@@ -63,13 +66,21 @@ def main() -> int:
         best, first, last = per_depth[best_depth], per_depth["1"], per_depth["32"]
         line = (f"{split} (longest chain {levels[split]}): depth 1 {first:.3f}, best {best:.3f} at depth {best_depth}, "
                 f"depth 32 {last:.3f} ({last / best if best else 0:.3f} of best)")
+        exit_ok = False
+        if split in exits:
+            em, steps = exits[split]["exact_match"], exits[split]["mean_steps"]
+            exit_ok = em >= 0.95 * best and steps < int(best_depth)
+            line += f"; learned exit {em:.3f} ({em / best if best else 0:.3f} of best) in {steps:.2f} mean steps"
         if split != "easy":
             checks = {"depth 1 <= 0.05": first <= 0.05, "best >= 0.9": best >= 0.9,
                       "depth 32 >= 0.95 x best": last >= 0.95 * best}
-            ok &= all(checks.values())
+            if exits:
+                checks["learned exit >= 0.95 x best in fewer mean steps than the best depth"] = exit_ok
+            ok &= checks["depth 1 <= 0.05"] and checks["best >= 0.9"] and (checks["depth 32 >= 0.95 x best"] or exit_ok)
             line += "  " + ", ".join(f"{name}: {'met' if met else 'MISSED'}" for name, met in checks.items())
         print(line)
-    print(f"targets {'met' if ok else 'NOT met'}")
+    print(f"targets {'met' if ok else 'NOT met'}" + (" (no overthinking: depth 32 within 5% of the best, or the "
+                                                      "learned exit)" if exits else ""))
     for line in done.stdout.splitlines():
         if line.startswith(("text smoke run", "  depth", "rdp demo: done")):
             print(line)

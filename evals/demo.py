@@ -22,6 +22,7 @@ TASK = "pointer_chasing"
 DEPTHS = list(range(1, 33))
 SETTINGS_FILE = "demo_settings.json"
 TABLE_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+EXIT_Q = 0.5  # the learned exit's CDF level, as `--exit-criterion learned` uses by default
 
 
 class DemoError(ValueError):
@@ -71,7 +72,32 @@ def summary_line(curve: dict[str, dict[str, float]], splits: dict[str, int]) -> 
             "chains of at most 4 nodes; " + "; ".join(parts) + ".")
 
 
-def plot(curve: dict[str, dict[str, float]], splits: dict[str, int], path: Path, title: str) -> None:
+def learned_exit(sweep, splits: dict[str, int], examples: int) -> dict[str, dict] | None:
+    """split -> exact match and mean steps with the model's learned exit (capped at depth 32),
+    on the same held-out examples as the fixed-depth curve; None without an exit gate."""
+    from rdp.evals.reasoning import score_split_depths
+
+    model = sweep.model()
+    if not model.config.exit_gate:
+        return None
+    cap = max(DEPTHS)
+    out = {}
+    for split in splits:
+        if split == "train":
+            continue
+        score = score_split_depths(model, TASK, split, [cap], examples, seed=sweep.cfg.seed, exit_threshold=EXIT_Q)[cap]
+        out[split] = {"exact_match": score["exact_match"], "mean_steps": score["mean_steps"], "cap": cap, "q": EXIT_Q}
+    return out
+
+
+def exit_line(exits: dict[str, dict], splits: dict[str, int]) -> str:
+    return (f"With its learned exit (stop where the exit gate's CDF passes {EXIT_Q}, at most {max(DEPTHS)} steps): "
+            + "; ".join(f"chains of {splits[s]} nodes: {e['exact_match']:.2f} in {e['mean_steps']:.1f} steps on average"
+                        for s, e in exits.items()) + ".")
+
+
+def plot(curve: dict[str, dict[str, float]], splits: dict[str, int], path: Path, title: str,
+         exits: dict[str, dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,12 +107,18 @@ def plot(curve: dict[str, dict[str, float]], splits: dict[str, int], path: Path,
     for split, per_depth in curve.items():
         depths = sorted(int(d) for d in per_depth)
         label = f"{split}: chains of {splits[split]} nodes" + (" (trained)" if split == "easy" else " (never trained)")
-        ax.plot(depths, [per_depth[str(d)] for d in depths], marker="o", markersize=3, label=label)
+        line, = ax.plot(depths, [per_depth[str(d)] for d in depths], marker="o", markersize=3, label=label)
+        if exits and split in exits:
+            ax.plot([exits[split]["mean_steps"]], [exits[split]["exact_match"]], marker="*", markersize=12,
+                    color=line.get_color(), linestyle="none")
     ax.set_xlabel("test-time depth r (recurrence steps)")
     ax.set_ylabel("exact match (all 12 answers right)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xticks([1, 4, 8, 12, 16, 20, 24, 28, 32])
     ax.grid(True, alpha=0.3)
+    if exits:
+        ax.plot([], [], marker="*", markersize=10, color="gray", linestyle="none",
+                label="learned exit: exact match at its mean steps")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
@@ -103,11 +135,15 @@ def pointer_chasing(out: Path, args: argparse.Namespace) -> dict:
     splits = BUILTIN_TASKS[TASK].splits()
     curve = curves(sweep.document)
     line = summary_line(curve, splits)
+    exits = learned_exit(sweep, {s: splits[s] for s in curve}, args.examples)
     document = {"task": TASK, "checkpoint": sweep.cfg.checkpoint, "examples_per_point": args.examples,
                 "metric": "exact_match", "difficulty": {s: splits[s] for s in curve}, "exact_match": curve,
                 "summary": line}
+    if exits:
+        document["learned_exit"] = exits
+        document["summary"] = line = line + " " + exit_line(exits, splits)
     (out.parent / "pointer_chasing.json").write_text(json.dumps(document, indent=1) + "\n")
-    plot(curve, splits, out.parent / "pointer_chasing.png", "pointer chasing: exact match vs test-time depth")
+    plot(curve, splits, out.parent / "pointer_chasing.png", "pointer chasing: exact match vs test-time depth", exits)
     header = "depth " + "".join(f"{s + ' (' + str(splits[s]) + ')':>14}" for s in curve)
     print("\nexact match by test-time depth (split (longest chain)):")
     print(header)

@@ -17,6 +17,7 @@ def test_demo_trains_sweeps_plots_and_runs_the_text_smoke_path(tmp_path, capsys)
     assert set(document["exact_match"]) == {"easy", "hard6", "hard8"}
     assert all(set(curve) == {str(d) for d in range(1, 33)} for curve in document["exact_match"].values())
     assert document["difficulty"] == {"easy": 4, "hard6": 6, "hard8": 8}
+    assert "learned_exit" not in document  # the preset trains no exit gate
     assert (out / "pointer_chasing.png").stat().st_size > 0
     assert (out / "pointer_chasing" / "train" / "checkpoints" / "latest").exists()
     assert "The plot shows exact match" in printed and document["summary"] in printed
@@ -25,3 +26,20 @@ def test_demo_trains_sweeps_plots_and_runs_the_text_smoke_path(tmp_path, capsys)
     # the same --out with other settings is refused before anything is trained
     assert rdp(argv[:4] + ["4"] + argv[5:]) == 2
     assert "other settings (steps)" in capsys.readouterr().err
+
+
+def test_demo_with_an_exit_gate_reports_the_learned_exit(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--steps", "3", "--examples", "8", "--text-steps", "0", "--no-progress",
+            "train.micro_batch_size=8", "train.eval_every=0", "model.exit_gate=true", "objective.halting_weight=1.0"]
+    assert rdp(argv) == 0
+    printed = capsys.readouterr().out
+    document = json.loads((out / "pointer_chasing.json").read_text())
+    exits = document["learned_exit"]
+    assert set(exits) == {"easy", "hard6", "hard8"}
+    for split, entry in exits.items():
+        assert entry["cap"] == 32 and entry["q"] == 0.5
+        assert 1 <= entry["mean_steps"] <= 32
+        assert 0 <= entry["exact_match"] <= 1 and entry["exact_match"] * 8 == round(entry["exact_match"] * 8)
+    assert "With its learned exit" in document["summary"] and document["summary"] in printed
+    assert "smoke run of the text path" not in printed
