@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from rdp.evals.cache import RecurrentKVCache, StepKVCache
+from rdp.evals.decode_blocks import LeanBlocks
 
 
 @dataclass
@@ -159,24 +160,35 @@ class RecurrentDecoder:
         self.self_drafts = DraftLength(most, break_even(self.model.config, self.num_steps, self.draft_steps)) \
             if speculate and self.draft_steps > 0 else None
         self.lookups = DraftLength(most, LOOKUP_BREAK_EVEN) if speculate and settings.lookup_drafts else None
+        lean = LeanBlocks(self.model)
+        self.lean = lean if lean.applies else None
 
-    # ---- the model's pieces -------------------------------------------------------------------
-    def _prelude(self, ids: torch.Tensor, cos_sin: torch.Tensor, cache) -> torch.Tensor:
+    # ---- the model's pieces (evals/decode_blocks.py where it applies, else the modules) --------
+    def _at(self, position: int, length: int):
+        """What the pieces need to know about positions [position, position + length)."""
+        if self.lean is not None:
+            return self.lean.rope(position, length)
+        return self.model.cos_sin[position:position + length]
+
+    def _prelude(self, ids: torch.Tensor, at, cache) -> torch.Tensor:
+        if self.lean is not None:
+            return self.lean.prelude(ids, at, cache)
         embedded = self.model.embed(ids)
         for block in self.model.transformer.prelude:
-            embedded = block(embedded, cos_sin, cache)
+            embedded = block(embedded, at, cache)
         return embedded
 
-    def _core(self, state, embedded, cos_sin, cache, steps: range) -> torch.Tensor:
+    def _core(self, state, embedded, at, cache, steps: range) -> torch.Tensor:
+        step_fn = self.model.core_step if self.lean is None else self.lean.core_step
         for step in steps:
-            state = self.model.core_step(state, embedded, cos_sin, cache, step)
+            state = step_fn(state, embedded, at, cache, step)
         return state
 
-    def _logits(self, state, cos_sin, cache, last_only: bool) -> torch.Tensor:
-        x = self.model.decode(state, cos_sin, cache)
+    def _logits(self, state, at, cache, last_only: bool) -> torch.Tensor:
+        x = self.model.decode(state, at, cache) if self.lean is None else self.lean.decode(state, at, cache)
         if last_only:  # the prompt's other positions need coda entries, not logits
             x = x[:, -1:]
-        return self.model.kit.head_logits(x, self.model.transformer.wte.weight)
+        return self.model.kit.head_logits(x, self.model.head_weight)
 
     def _start_state(self, embedded: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
         if carried is not None:  # continuous compute: the previous token's final state
@@ -200,11 +212,11 @@ class RecurrentDecoder:
         if all(done):
             return outputs
         # prefill: the whole prompt at full depth
-        cos_sin = model.cos_sin[:width]
-        embedded = self._prelude(batch, cos_sin, cache)
+        at = self._at(0, width)
+        embedded = self._prelude(batch, at, cache)
         state = self._core(model.initial_state(embedded, self.init_scale, runner.generator), embedded,
-                           cos_sin, cache, range(self.num_steps))
-        pending = runner._choose(self._logits(state, cos_sin, cache, last_only=True)[:, -1], params)
+                           at, cache, range(self.num_steps))
+        pending = runner._choose(self._logits(state, at, cache, last_only=True)[:, -1], params)
         carried = state[:, -1:] if self.continuous else None
         self._append(outputs, done, pending[:, None].tolist(), budget, should_stop)
         position = width  # where `pending` goes
@@ -222,9 +234,9 @@ class RecurrentDecoder:
             # verify: all k+1 tokens from step `first` to the full depth in one forward
             k = 0 if drafts is None else drafts.shape[1]
             cache.position = position
-            cos_sin = model.cos_sin[position:position + k + 1]
-            state = self._core(states, embedded, cos_sin, cache, range(first, self.num_steps))
-            logits = self._logits(state, cos_sin, cache, last_only=k == 0)
+            at = self._at(position, k + 1)
+            state = self._core(states, embedded, at, cache, range(first, self.num_steps))
+            logits = self._logits(state, at, cache, last_only=k == 0)
             if k == 0:
                 chosen = runner._choose(logits[:, -1], params)[:, None]
                 accepted = 0
@@ -250,13 +262,13 @@ class RecurrentDecoder:
         embedded, states, drafts = [], [], []
         for j in range(k + 1):
             cache.position = position + j
-            cos_sin = self.model.cos_sin[position + j:position + j + 1]
-            e = self._prelude(token, cos_sin, cache)
-            s = self._core(self._start_state(e, carried), e, cos_sin, cache, range(self.draft_steps))
+            at = self._at(position + j, 1)
+            e = self._prelude(token, at, cache)
+            s = self._core(self._start_state(e, carried), e, at, cache, range(self.draft_steps))
             embedded.append(e)
             states.append(s)
             if j < k:
-                token = self._logits(s, cos_sin, cache, last_only=True)[:, -1].argmax(-1)[:, None]
+                token = self._logits(s, at, cache, last_only=True)[:, -1].argmax(-1)[:, None]
                 drafts.append(token)
         if k == 0:
             return embedded[0], states[0], None
@@ -279,8 +291,8 @@ class RecurrentDecoder:
     def _lookup_round(self, pending: torch.Tensor, proposed: torch.Tensor, position: int, cache):
         tokens = torch.cat([pending[:, None], proposed], 1)
         cache.position = position
-        cos_sin = self.model.cos_sin[position:position + tokens.shape[1]]
-        embedded = self._prelude(tokens, cos_sin, cache)
+        at = self._at(position, tokens.shape[1])
+        embedded = self._prelude(tokens, at, cache)
         return embedded, self.model.initial_state(embedded, self.init_scale, self.runner.generator), proposed, 0
 
     def _new_cache(self, pads: torch.Tensor, capacity: int):
