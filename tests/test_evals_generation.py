@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rdp.evals.cache import RecurrentKVCache, StepKVCache
+from rdp.evals.decode_blocks import LeanBlocks
 from rdp.evals.runner import DepthRunner, DepthSettings, SamplingParams
 from rdp.evals.speculative import DraftLength, lookup
 from rdp.pretrain.config import load_config
@@ -208,6 +209,32 @@ def test_draft_length_policy():
         pauses.append(waited)
         policy.update(policy.next(), 0)  # the probe misses too
     assert pauses == [4, 8, 16]
+
+
+@torch.no_grad()
+def test_lean_blocks_are_bit_identical_to_the_model_pieces():
+    """The decoder's lean block forward (evals/decode_blocks.py) computes what the model's
+    modules compute, bit for bit: prefill, one-token and few-token forwards on one cache."""
+    model = tiny_model()
+    lean = LeanBlocks(model)
+    assert lean.applies
+    caches = StepKVCache(40), StepKVCache(40)
+    torch.manual_seed(0)
+    for start, length in [(0, 17), (17, 1), (18, 5)]:
+        ids = torch.randint(0, 100, (2, length))
+        state = torch.randn(2, length, model.config.hidden_size)
+        cos_sin, rope = model.cos_sin[start:start + length], lean.rope(start, length)
+        for cache in caches:
+            cache.position = start
+        e = model.encode(ids, cos_sin, caches[0])
+        assert torch.equal(lean.prelude(ids, rope, caches[1]), e)
+        for step in range(3):
+            s = model.core_step(state, e, cos_sin, caches[0], step)
+            assert torch.equal(lean.core_step(state, e, rope, caches[1], step), s)
+            state = s
+        assert torch.equal(lean.decode(state, rope, caches[1]), model.decode(state, cos_sin, caches[0]))
+    assert not LeanBlocks(tiny_model().to(torch.bfloat16)).applies  # other dtypes run the modules
+    assert not LeanBlocks(build_model(load_config("tiny", ["model.low_level_steps=2"]).model, seed=0)).applies
 
 
 def test_step_cache_overwrites_in_place_and_names_its_capacity():
