@@ -168,10 +168,14 @@ class StepKVCache:
         return buffer[0][..., :end, :], buffer[1][..., :end, :]
 
     def attention_mask(self, q_len: int, k_len: int) -> torch.Tensor:
+        """Additive (0 / -inf) float mask in the keys' dtype: attention turns a bool mask into
+        exactly this on every call, so handing it over saves two operations per layer."""
         # every layer of a forward asks for the same mask: build it once per shape
         if self._mask_shape != (q_len, k_len):
-            device = next(iter(self.buffers.values()))[0].device
-            self._mask = causal_padding_mask(q_len, k_len, self.pad_lengths, device)
+            keys = next(iter(self.buffers.values()))[0]
+            allowed = causal_padding_mask(q_len, k_len, self.pad_lengths, keys.device)
+            self._mask = torch.zeros(allowed.shape, dtype=keys.dtype, device=keys.device).masked_fill_(
+                ~allowed, float("-inf"))
             self._mask_shape = (q_len, k_len)
         return self._mask
 

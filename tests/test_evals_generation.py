@@ -244,7 +244,7 @@ def test_step_cache_overwrites_in_place_and_names_its_capacity():
     cache.position = 1  # a rejected draft from position 1 on is overwritten
     k, _ = cache.update((1, 0), key(2, 2), key(2, 2))
     assert k[0, 0, :, 0].tolist() == [1.0, 2.0, 2.0]
-    assert cache.attention_mask(2, 3)[0, 0].tolist() == [[True, True, False], [True, True, True]]
+    assert cache.attention_mask(2, 3)[0, 0].tolist() == [[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]]
     cache.position = 3
     with pytest.raises(ValueError, match="holds 4 positions"):
         cache.update((1, 0), key(3, 2), key(3, 2))
