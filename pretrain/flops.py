@@ -29,6 +29,7 @@ class FlopsModel:
     exit_gate: int = 0
     low_level: int = 0  # one update of HRM's low-level block (pretrain/hrm.py)
     low_level_steps: int = 0
+    adapter_embedding: int = 0  # the embedding's half of the adapter: once per pass through the recurrence
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seq_len: Optional[int] = None, causal_skip: bool = False) -> "FlopsModel":
@@ -54,7 +55,7 @@ class FlopsModel:
     def forward(self, depth: int, gated: bool = False) -> int:
         """One forward at `depth`; `gated`: the exit gate read after every iteration
         (evaluation with the learned exit, which decodes only once)."""
-        return self.outside_core + depth * (self.per_iteration + (self.exit_gate if gated else 0))
+        return self.outside_core + self.adapter_embedding + depth * (self.per_iteration + (self.exit_gate if gated else 0))
 
     def train(self, n: int, k: int, recompute: bool = False, objective=None) -> int:
         """n no-grad iterations (forward only), k grad iterations (forward + 2x backward),
@@ -66,8 +67,9 @@ class FlopsModel:
         decoded = objective.decoded(k) if objective is not None else 1
         gated = objective.gated(k) if objective is not None else 0
         decode = self.coda + self.head
-        forward = (n + k) * self.per_iteration + decoded * decode + gated * self.exit_gate
-        backward = 2 * (k * self.per_iteration_backward + decoded * decode + gated * self.exit_gate)
+        forward = self.adapter_embedding + (n + k) * self.per_iteration + decoded * decode + gated * self.exit_gate
+        backward = 2 * ((self.adapter_embedding if k else 0) + k * self.per_iteration_backward
+                        + decoded * decode + gated * self.exit_gate)
         recomputed = k * self.per_iteration if recompute else 0
         return 3 * self.prelude + segments * (forward + backward + recomputed)
 

@@ -223,34 +223,49 @@ class RecurrentDepthModel(nn.Module):
         return self._compiled[name]
 
     def core_step(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor,
-                  cache: Optional[KVCache] = None, step: int = 0) -> torch.Tensor:
-        """One recurrence: s <- core(adapter(concat([s, e]))) (or HRM's, pretrain/hrm.py)."""
+                  cache: Optional[KVCache] = None, step: int = 0,
+                  projected: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One recurrence: s <- core(adapter(concat([s, e]))) (or HRM's, pretrain/hrm.py).
+        `projected`, the embedding's half of the adapter (`project_embedding(e)`), saves
+        recomputing it when the caller runs many steps on one e."""
         if cache is None:  # without a cache the step number changes nothing: one graph for all
-            return self.compiled("core_step", self._core_step)(state, embedded, cos_sin, None, 0)
-        return self._core_step(state, embedded, cos_sin, cache, step)
+            return self.compiled("core_step", self._core_step)(state, embedded, cos_sin, None, 0, projected)
+        return self._core_step(state, embedded, cos_sin, cache, step, projected)
 
     def _core_step(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor,
-                   cache: Optional[KVCache], step: int) -> torch.Tensor:
+                   cache: Optional[KVCache], step: int, projected: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.config.low_level_steps:
             return hrm.core_step(self, state, embedded, cos_sin, cache, step)
-        x = self.ops.injection(state, embedded, self.transformer.adapter.weight)
+        if projected is None:
+            projected = self.project_embedding(embedded)
+        # adapter(concat([s, e])) = s W_s^T + e W_e^T, the second term fixed across iterations
+        x = self.ops.injection_with_embedding(state, projected, self.transformer.adapter.weight)
         for block in self.transformer.core_block:
             x = block(x, cos_sin, cache, step)
         return x
+
+    def project_embedding(self, embedded: torch.Tensor) -> Optional[torch.Tensor]:
+        """e W_e^T (fp32), the embedding's half of the adapter, constant over the recurrence;
+        None for HRM, whose injection mixes two changing states."""
+        if self.config.low_level_steps:
+            return None
+        return self.ops.injection_embedding(embedded, self.transformer.adapter.weight)
 
     def iterate(self, state: torch.Tensor, embedded: torch.Tensor, cos_sin: torch.Tensor, n: int, k: int,
                 cache: Optional[KVCache] = None) -> list[torch.Tensor]:
         """n core iterations without autograd, then k with it. Returns the state after each of
         the k grad iterations (the training objectives decode them), or [final state] if k = 0."""
+        projected = self.project_embedding(embedded)  # with autograd: the grad iterations reach e through it
         with torch.no_grad():
             for step in range(n):
-                state = self.core_step(state, embedded, cos_sin, cache, step)
+                state = self.core_step(state, embedded, cos_sin, cache, step, projected)
         states = [state] if k == 0 else []
         for step in range(n, n + k):
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(self.core_step, state, embedded, cos_sin, cache, step, use_reentrant=False)
+                state = checkpoint(self.core_step, state, embedded, cos_sin, cache, step, projected,
+                                   use_reentrant=False)
             else:
-                state = self.core_step(state, embedded, cos_sin, cache, step)
+                state = self.core_step(state, embedded, cos_sin, cache, step, projected)
             states.append(state)
         return states
 
@@ -335,7 +350,11 @@ class RecurrentDepthModel(nn.Module):
             return sum(block.flops_per_token(seq_len, causal_skip) for block in group)
 
         return {"prelude": blocks(t.prelude), "core": blocks(t.core_block),
-                "adapter": 2 * 2 * cfg.hidden_size * cfg.hidden_size, "coda": blocks(t.coda),
+                # per iteration the state's half of the adapter; the embedding's half runs once per
+                # pass through the recurrence (project_embedding), except in HRM's injection
+                "adapter": (2 if cfg.low_level_steps else 1) * 2 * cfg.hidden_size * cfg.hidden_size,
+                "adapter_embedding": 0 if cfg.low_level_steps else 2 * cfg.hidden_size * cfg.hidden_size,
+                "coda": blocks(t.coda),
                 "head": 2 * cfg.hidden_size * cfg.vocab_size,
                 "exit_gate": t.exit_gate.flops_per_token() if "exit_gate" in t else 0,
                 "low_level": blocks(t.low_block) if "low_block" in t else 0, "low_level_steps": cfg.low_level_steps}
