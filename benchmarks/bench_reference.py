@@ -11,8 +11,8 @@ max |difference| printed), then times, interleaved round by round (median of --r
   eval:  forward at depth 8 (init_scale 0, no autograd), logits out
   train: forward + backward at (n, k) = (6, 2), loss out (no optimizer update in either)
 and prints reference time / rdp time (> 1: rdp is faster), wall-clock and CPU time, for the
-configuration given and, unless it compiles already, the same weights with model.compile=true,
-with the machine's load average.
+configuration given (the preset's own model.compile: `small` compiles) and the same weights with
+the other model.compile setting, with the machine's load average. The reference always runs eager.
 
     .venv/bin/python benchmarks/bench_reference.py --reference-dir /path/to/huginn-0125
     .venv/bin/python benchmarks/bench_reference.py --reference-dir DIR --preset tiny --batch 8 --seq 64
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-compiled", action="store_true", help="time only the configuration given, "
-                        "not also its model.compile=true twin")
+                        "not also its twin with the other model.compile setting")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for rdp's model, "
                         "e.g. model.compile=false to time another configuration")
     args = parser.parse_args()
@@ -104,14 +104,16 @@ def main() -> int:
     cfg = replace(cfg, kernels="torch") if cfg.kernels == "auto" and not torch.cuda.is_available() else cfg
     n, k = (int(v) for v in args.train_steps.split(","))
     torch.manual_seed(0)
-    ours = {"rdp": build_model(cfg, seed=0)}
+    configured = f"rdp {'compiled' if cfg.compile else 'eager'}"  # as configured (the preset's default)
+    ours = {configured: build_model(cfg, seed=0)}
     with torch.no_grad():  # norms and q/k bias away from their init, so both models use them
-        for name, p in ours["rdp"].named_parameters():
+        for name, p in ours[configured].named_parameters():
             if "norm" in name or "qk_bias" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    state = {name: t.detach().clone() for name, t in ours["rdp"].state_dict().items()}
-    if not cfg.compile and not args.no_compiled:  # the same weights compiled, side by side
-        ours["rdp compile"] = model_from_state_dict(replace(cfg, compile=True), state)
+    state = {name: t.detach().clone() for name, t in ours[configured].state_dict().items()}
+    if not args.no_compiled:  # the same weights with the other model.compile setting, side by side
+        ours[f"rdp {'eager' if cfg.compile else 'compiled'}"] = model_from_state_dict(
+            replace(cfg, compile=not cfg.compile), state)
     ref = reference_model(RavenConfig, RavenForCausalLM, cfg, state)
     models = {**ours, "reference": ref}
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
@@ -143,7 +145,7 @@ def main() -> int:
             model(tokens, labels=labels, num_steps=(n, k), return_logits=False).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    print(f"{'':<32} {'':<12} {'wall':>9} {'CPU time':>9} {'reference / this':>18}")
+    print(f"{'':<32} {'':<13} {'wall':>9} {'CPU time':>9} {'reference / this':>18}")
     for label, mode, fn in ((f"eval forward, depth {args.depth}", "eval", eval_step),
                             (f"train fwd+bwd, (n, k) = ({n}, {k})", "train", train_step)):
         for model in models.values():
@@ -160,7 +162,7 @@ def main() -> int:
         for row, (name, (w, c)) in enumerate(med.items()):
             ratio = ("" if name == "reference" else
                      f"{med['reference'][0] / w:.2f}x wall, {med['reference'][1] / c:.2f}x CPU")
-            print(f"{label if row == 0 else '':<32} {name:<12} {w * 1e3:>7.1f}ms {c * 1e3:>7.1f}ms  {ratio}")
+            print(f"{label if row == 0 else '':<32} {name:<13} {w * 1e3:>7.1f}ms {c * 1e3:>7.1f}ms  {ratio}")
 
     load_after = os.getloadavg()
     print(f"machine load (1-min average): {load_before[0]:.1f} before, {load_after[0]:.1f} after, "

@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    cfg = load_config(args.preset, [f"data.seq_len={args.seq}"]).model
+    # eager: the saved-tensor hooks count what autograd keeps, which a compiled graph hides
+    cfg = load_config(args.preset, [f"data.seq_len={args.seq}", "model.compile=false"]).model
     device = torch.device(args.device)
     model = build_model(cfg, device, seed=0).train()
     inputs = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
