@@ -31,6 +31,27 @@ def rope_cos_sin(head_dim: int, seq_len: int, base: float, device=None) -> torch
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def rope_real(t: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of t (batch, seq, heads, head_dim) in fp32:
+    (even*cos - odd*sin, odd*cos + even*sin), back in t's dtype."""
+    cos, sin = cos_sin[None, :, None, :, 0], cos_sin[None, :, None, :, 1]
+    pairs = t.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).type_as(t)
+
+
+def rope_complex(t: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """rope_real as one complex multiply per pair (one kernel instead of eight elementwise ops
+    and a stack, forward and backward): the same fp32 products and sums, bit for bit on CPU
+    when head_dim / 2 fills whole SIMD vectors (8 pairs: every preset). In a shorter scalar tail
+    the compiler may fuse a product and sum (FMA): one rounding apart."""
+    rotation = torch.view_as_complex(cos_sin.float().contiguous())[None, :, None, :]
+    pairs = t.float().unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs whole pairs in memory
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(t)
+
+
 def bias_rope(q: torch.Tensor, k: torch.Tensor, qk_bias: torch.Tensor | None, cos_sin: torch.Tensor):
     """Add the learned q/k bias, then rotate interleaved pairs (2i, 2i+1) in fp32.
 
@@ -40,28 +61,10 @@ def bias_rope(q: torch.Tensor, k: torch.Tensor, qk_bias: torch.Tensor | None, co
     if qk_bias is not None:
         q = (q + qk_bias[0]).to(q.dtype)
         k = (k + qk_bias[1]).to(k.dtype)
-    if torch.compiler.is_compiling():  # Inductor fuses the real-valued form (it cannot codegen complex ops)
-        cos = cos_sin[None, :, None, :, 0]
-        sin = cos_sin[None, :, None, :, 1]
-
-        def rotate(t: torch.Tensor) -> torch.Tensor:
-            pairs = t.float().unflatten(-1, (-1, 2))
-            even, odd = pairs[..., 0], pairs[..., 1]
-            return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).type_as(t)
-
-        return rotate(q), rotate(k)
-    # Eager: each pair (2i, 2i+1) times cos + i sin as one complex multiply, one kernel per tensor
-    # instead of eight elementwise ops and a stack (forward and backward); the same fp32 products
-    # and sums (even*cos - odd*sin, odd*cos + even*sin) as the real form, bit for bit on CPU.
-    rotation = torch.view_as_complex(cos_sin.float().contiguous())[None, :, None, :]
-
-    def rotate_complex(t: torch.Tensor) -> torch.Tensor:
-        pairs = t.float().unflatten(-1, (-1, 2))
-        if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]) or pairs.stride(-1) != 1:
-            pairs = pairs.contiguous()  # view_as_complex needs whole pairs in memory
-        return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(t)
-
-    return rotate_complex(q), rotate_complex(k)
+    # eager: the complex form; traced by torch.compile: the real form, which Inductor fuses
+    # (it generates no code for complex ops)
+    rotate = rope_real if torch.compiler.is_compiling() else rope_complex
+    return rotate(q, cos_sin), rotate(k, cos_sin)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

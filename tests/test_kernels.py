@@ -95,6 +95,20 @@ def test_torch_backend_is_the_reference():
         assert getattr(ops, name) is getattr(R, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64, 96])  # the presets' (8+ pairs: whole SIMD vectors)
+def test_rope_complex_form_equals_the_real_form_bit_for_bit(dtype, head_dim):
+    # eager runs the complex form, torch.compile traces the real one: same values, same grads
+    q = torch.randn(2, 7, 3, head_dim, 3, dtype=dtype)[..., 0].requires_grad_()  # strided, as Wqkv's split
+    cos_sin = R.rope_cos_sin(head_dim, 16, 50000.0)[5:12].to(dtype)  # a decode offset
+    outs = []
+    for rotate in (R.rope_real, R.rope_complex):
+        out = rotate(q, cos_sin)
+        (grad,) = torch.autograd.grad(out, q, torch.linspace(-1, 1, out.numel()).view_as(out).to(dtype))
+        outs.append((out, grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_public_entry_points_fall_back_to_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(0)
