@@ -76,7 +76,9 @@ class LeanBlocks:
         return x
 
     def core_step(self, state: torch.Tensor, embedded: torch.Tensor, rope, cache, step: int) -> torch.Tensor:
-        x = F.linear(torch.cat([state, embedded], dim=-1), self.model.transformer.adapter.weight)
+        # the model's split adapter (s W_s^T + e W_e^T, pretrain/model.py), the same sum
+        weight, hidden = self.model.transformer.adapter.weight, state.shape[-1]
+        x = F.linear(state, weight[:, :hidden]) + F.linear(embedded, weight[:, hidden:])
         for block in self.model.transformer.core_block:
             x = self.block(block, x, rope, cache, step)
         return x
