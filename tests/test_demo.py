@@ -17,7 +17,7 @@ def test_demo_trains_sweeps_plots_and_runs_the_text_smoke_path(tmp_path, capsys)
     assert set(document["exact_match"]) == {"easy", "hard6", "hard8"}
     assert all(set(curve) == {str(d) for d in range(1, 33)} for curve in document["exact_match"].values())
     assert document["difficulty"] == {"easy": 4, "hard6": 6, "hard8": 8}
-    assert "learned_exit" not in document  # the preset trains no exit gate
+    assert set(document["learned_exit"]) == {"easy", "hard6", "hard8"}  # the preset trains an exit gate
     assert (out / "pointer_chasing.png").stat().st_size > 0
     assert (out / "pointer_chasing" / "train" / "checkpoints" / "latest").exists()
     assert "The plot shows exact match" in printed and document["summary"] in printed
@@ -28,10 +28,10 @@ def test_demo_trains_sweeps_plots_and_runs_the_text_smoke_path(tmp_path, capsys)
     assert "other settings (steps)" in capsys.readouterr().err
 
 
-def test_demo_with_an_exit_gate_reports_the_learned_exit(tmp_path, capsys):
+def test_demo_reports_the_learned_exit_only_for_a_model_with_an_exit_gate(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--steps", "3", "--examples", "8", "--text-steps", "0", "--no-progress",
-            "train.micro_batch_size=8", "train.eval_every=0", "model.exit_gate=true", "objective.halting_weight=1.0"]
+            "train.micro_batch_size=8", "train.eval_every=0"]
     assert rdp(argv) == 0
     printed = capsys.readouterr().out
     document = json.loads((out / "pointer_chasing.json").read_text())
@@ -43,3 +43,7 @@ def test_demo_with_an_exit_gate_reports_the_learned_exit(tmp_path, capsys):
         assert 0 <= entry["exact_match"] <= 1 and entry["exact_match"] * 8 == round(entry["exact_match"] * 8)
     assert "With its learned exit" in document["summary"] and document["summary"] in printed
     assert "smoke run of the text path" not in printed
+    plain = tmp_path / "plain"
+    assert rdp(["demo", "--out", str(plain)] + argv[3:] + ["model.exit_gate=false", "objective.loss=last"]) == 0
+    assert "learned_exit" not in json.loads((plain / "pointer_chasing.json").read_text())
+    assert "With its learned exit" not in capsys.readouterr().out
