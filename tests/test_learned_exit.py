@@ -128,7 +128,8 @@ def test_reasoning_sweep_with_the_learned_exit_records_mean_steps_per_cap(tmp_pa
     assert rdp(["eval", str(plain), "--tasks", "parity", "--depths", "2", "--exit-criterion", "learned",
                 "--out", str(tmp_path / "plain-sweep"), "--no-progress"]) == 2
     assert "needs a model trained with an exit gate" in capsys.readouterr().err
-    assert rdp(["reasoning", "parity", "--exit-criterion", "learned", "--out", str(tmp_path / "r")]) == 2
+    assert rdp(["reasoning", "parity", "--exit-criterion", "learned", "--out", str(tmp_path / "r"),
+                "model.exit_gate=false", "objective.loss=last"]) == 2
     assert "--exit-criterion learned needs model.exit_gate=true" in capsys.readouterr().err
     assert not (tmp_path / "r" / "train").exists()
 
