@@ -1,7 +1,9 @@
 """How the choice of reasoning preset was made: trains pointer chasing (chains <= 4) through
 the real trainer once per variant of configs/reasoning.yaml, then scores exact match at every
 depth 1..32 (one pass, deterministic state) on the trained difficulty and the two harder
-splits, and prints depth 1, the best depth, depth 32 and their ratio per split.
+splits, and prints depth 1, the best depth, depth 32 and their ratio per split; a variant that
+trains an exit gate is also scored with the learned exit (q = --exit-threshold, capped at 32
+steps): exact match, its ratio to the best depth and the mean steps per scored position.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_reasoning_presets.py --runs runs/presets \\
         base= mean12-curriculum=model.mean_recurrence=12,objective.curriculum_steps=2000
@@ -25,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DEPTHS = list(range(1, 33))
 
 
-def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed: int) -> dict:
+def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed: int, exit_threshold: float) -> dict:
     from rdp.data_pipeline.tasks import load_task
     from rdp.evals.lm_adapter import load_checkpoint
     from rdp.evals.reasoning import score_split_depths
@@ -44,6 +46,12 @@ def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed
     for split in task.test_splits():
         scores = score_split_depths(model, task, split, DEPTHS, examples, 256, seed=seed)
         result[split] = {str(d): s["exact_match"] for d, s in scores.items()}
+        if config.model.exit_gate:
+            learned = score_split_depths(model, task, split, [DEPTHS[-1]], examples, 256, seed=seed,
+                                         exit_threshold=exit_threshold)[DEPTHS[-1]]
+            result[f"{split} learned exit"] = {"q": exit_threshold, "cap": DEPTHS[-1],
+                                               "exact_match": learned["exact_match"],
+                                               "mean_steps": learned["mean_steps"]}
     (runs / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -51,11 +59,16 @@ def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed
 def summary(name: str, result: dict) -> str:
     parts = []
     for split, curve in result.items():
-        if not isinstance(curve, dict):
+        if not isinstance(curve, dict) or split.endswith(" learned exit"):
             continue
         best = max(curve, key=lambda d: (curve[d], -int(d)))
         ratio = curve["32"] / curve[best] if curve[best] else 0.0
-        parts.append(f"{split}: d1 {curve['1']:.2f} best {curve[best]:.2f}@{best} d32 {curve['32']:.2f} ({ratio:.2f})")
+        part = f"{split}: d1 {curve['1']:.2f} best {curve[best]:.2f}@{best} d32 {curve['32']:.2f} ({ratio:.2f})"
+        learned = result.get(f"{split} learned exit")
+        if learned:
+            part += (f" exit {learned['exact_match']:.3f} ({learned['exact_match'] / curve[best] if curve[best] else 0:.2f},"
+                     f" {learned['mean_steps']:.1f} steps)")
+        parts.append(part)
     return (f"{name} ({' '.join(result['overrides']) or 'preset'}; train {result['train_seconds']:.0f} s wall, "
             f"{result['train_cpu_seconds']:.0f} s CPU, load {result['load_average']:.1f})\n    " + " | ".join(parts))
 
@@ -66,6 +79,8 @@ def main() -> int:
     parser.add_argument("--runs", default="runs/presets")
     parser.add_argument("--examples", type=int, default=512, help="held-out examples per (split, depth)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the held-out examples")
+    parser.add_argument("--exit-threshold", type=float, default=0.5,
+                        help="q of the learned exit, for variants with an exit gate (the demo's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     import torch
@@ -75,7 +90,8 @@ def main() -> int:
     runs.mkdir(parents=True, exist_ok=True)
     for variant in args.variants:
         name, _, overrides = variant.partition("=")
-        result = run_variant(name, [o for o in overrides.split(",") if o], runs, args.examples, args.seed)
+        result = run_variant(name, [o for o in overrides.split(",") if o], runs, args.examples, args.seed,
+                             args.exit_threshold)
         print(summary(name, result), flush=True)
     return 0
 
