@@ -3,17 +3,27 @@ benchmarks/bench_demo.py, not from a test)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rdp.launch.cli import main as rdp
 
 
+def tiny_demo(out, text_steps: int, *overrides: str) -> list[str]:
+    """argv of a 3-step demo into `out` (8 examples per point)."""
+    return ["demo", "--out", str(out), "--steps", "3", "--examples", "8", "--text-steps", str(text_steps),
+            "--no-progress", "train.micro_batch_size=8", "train.eval_every=0", *overrides]
+
+
+def run_demo(argv: list[str], capsys) -> tuple[str, dict]:
+    """(what it printed, its pointer_chasing.json) of a demo that must succeed."""
+    assert rdp(argv) == 0
+    return capsys.readouterr().out, json.loads((Path(argv[2]) / "pointer_chasing.json").read_text())
+
+
 def test_demo_trains_sweeps_plots_and_runs_the_text_smoke_path(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--steps", "3", "--examples", "8", "--text-steps", "2", "--no-progress",
-            "train.micro_batch_size=8", "train.eval_every=0"]
-    assert rdp(argv) == 0
-    printed = capsys.readouterr().out
-    document = json.loads((out / "pointer_chasing.json").read_text())
+    argv = tiny_demo(out, 2)
+    printed, document = run_demo(argv, capsys)
     assert set(document["exact_match"]) == {"easy", "hard6", "hard8"}
     assert all(set(curve) == {str(d) for d in range(1, 33)} for curve in document["exact_match"].values())
     assert document["difficulty"] == {"easy": 4, "hard6": 6, "hard8": 8}
@@ -29,12 +39,7 @@ def test_demo_trains_sweeps_plots_and_runs_the_text_smoke_path(tmp_path, capsys)
 
 
 def test_demo_reports_the_learned_exit_only_for_a_model_with_an_exit_gate(tmp_path, capsys):
-    out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--steps", "3", "--examples", "8", "--text-steps", "0", "--no-progress",
-            "train.micro_batch_size=8", "train.eval_every=0"]
-    assert rdp(argv) == 0
-    printed = capsys.readouterr().out
-    document = json.loads((out / "pointer_chasing.json").read_text())
+    printed, document = run_demo(tiny_demo(tmp_path / "demo", 0), capsys)
     exits = document["learned_exit"]
     assert set(exits) == {"easy", "hard6", "hard8"}
     for split, entry in exits.items():
@@ -43,7 +48,6 @@ def test_demo_reports_the_learned_exit_only_for_a_model_with_an_exit_gate(tmp_pa
         assert 0 <= entry["exact_match"] <= 1 and entry["exact_match"] * 8 == round(entry["exact_match"] * 8)
     assert "With its learned exit" in document["summary"] and document["summary"] in printed
     assert "smoke run of the text path" not in printed
-    plain = tmp_path / "plain"
-    assert rdp(["demo", "--out", str(plain)] + argv[3:] + ["model.exit_gate=false", "objective.loss=last"]) == 0
-    assert "learned_exit" not in json.loads((plain / "pointer_chasing.json").read_text())
-    assert "With its learned exit" not in capsys.readouterr().out
+    printed, document = run_demo(tiny_demo(tmp_path / "plain", 0, "model.exit_gate=false", "objective.loss=last"), capsys)
+    assert "learned_exit" not in document
+    assert "With its learned exit" not in printed
