@@ -150,6 +150,9 @@ class ObjectiveConfig:
     # BCE of the exit gate against "this iteration's prediction is right" (HRM/TRM halting),
     # at every iteration the loss looks at; 0 = off
     halting_weight: float = 0.0
+    # weight of the mean relative squared change of the state between consecutive grad
+    # iterations, a pull toward a fixed point (against overthinking at large test depths); 0 = off
+    fixed_point_weight: float = 0.0
     # HRM-style segments: the (n, k) recurrence runs this many times per batch, the state
     # carried but detached between segments, a loss after each; one optimizer step per batch
     segments: int = 1
@@ -330,6 +333,8 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
              f"must be >= 0, got {o.exit_entropy_weight}")
     _require(o.halting_weight >= 0 and math.isfinite(o.halting_weight), "objective.halting_weight",
              f"must be >= 0, got {o.halting_weight}")
+    _require(o.fixed_point_weight >= 0 and math.isfinite(o.fixed_point_weight), "objective.fixed_point_weight",
+             f"must be >= 0, got {o.fixed_point_weight}")
     trains_gate = o.loss == "expected_exit" or o.halting_weight > 0
     _require(m.exit_gate or not trains_gate, "model.exit_gate",
              f"objective.loss={o.loss} / objective.halting_weight={o.halting_weight} train an exit gate; set model.exit_gate=true")

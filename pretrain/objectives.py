@@ -14,6 +14,11 @@ after the n no-grad iterations, so the gate learns hazards conditional on having
 decodes against whether that iteration already predicts the token right (HRM/TRM halting):
 target_t = [logit_t(label) >= max logit_t], per scored token.
 
+`fixed_point_weight` w adds w * mean over tokens and consecutive grad iterations of
+||s_{t+1} - s_t||^2 / ||s_t||^2 (the denominator not differentiated): a pull toward a fixed point
+of the recurrence, so that iterations past the ones a problem needs leave the state, and so the
+answer, where it is (against "overthinking"). No pair, no term: k = 1 adds nothing.
+
 `segments` = M runs the whole (n, k) recurrence M times, each segment starting from the
 previous segment's final state detached (HRM's deep supervision), and averages their losses.
 All segments share one backward and one optimizer step: a step stays one batch, so the depth
@@ -38,15 +43,16 @@ class Objective:
     segments: int = 1
     exit_entropy_weight: float = 0.0
     halting_weight: float = 0.0
+    fixed_point_weight: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: ObjectiveConfig) -> "Objective":
-        return cls(cfg.loss, cfg.segments, cfg.exit_entropy_weight, cfg.halting_weight)
+        return cls(cfg.loss, cfg.segments, cfg.exit_entropy_weight, cfg.halting_weight, cfg.fixed_point_weight)
 
     @property
     def plain(self) -> bool:
         """The model's default loss (truncated backprop through the last k iterations)."""
-        return self.loss == "last" and self.segments == 1 and self.halting_weight == 0
+        return self.loss == "last" and self.segments == 1 and self.halting_weight == 0 and self.fixed_point_weight == 0
 
     @property
     def per_token(self) -> bool:
@@ -77,6 +83,14 @@ class Objective:
 
     def segment_loss(self, model, states: list[torch.Tensor], cos_sin: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
+        loss = self.task_loss(model, states, cos_sin, labels)
+        if self.fixed_point_weight > 0 and len(states) > 1:
+            loss = loss + self.fixed_point_weight * relative_state_change(states)
+        return loss
+
+    def task_loss(self, model, states: list[torch.Tensor], cos_sin: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+        """The loss on the labels (and the halting head's) of one segment's grad states."""
         supervised = states[-1:] if self.loss == "last" else states
         weight = model.head_weight
         if not self.per_token:
@@ -102,6 +116,14 @@ class Objective:
             bce = F.binary_cross_entropy_with_logits(gate, correct, reduction="none")
             loss = loss + self.halting_weight * bce.masked_fill(~scored, 0).sum() / (count * len(supervised))
         return loss
+
+
+def relative_state_change(states: list[torch.Tensor]) -> torch.Tensor:
+    """mean over tokens and consecutive iterations of ||s_{t+1} - s_t||^2 / ||s_t||^2, the
+    denominator a constant (so the term cannot shrink by growing the state)."""
+    changes = [(later - earlier).float().pow(2).sum(-1) / earlier.detach().float().pow(2).sum(-1).clamp_min(1e-12)
+               for earlier, later in zip(states, states[1:])]
+    return torch.stack(changes).mean()
 
 
 def exit_log_distribution(exit_logits: torch.Tensor, steps: int) -> torch.Tensor:

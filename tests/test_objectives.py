@@ -198,6 +198,34 @@ def test_halting_head_is_trained_on_correctness_of_each_iteration(micro_model_co
     assert_same(model, lambda: ours(model, tokens, labels, 0, 2, objective), hand)
 
 
+@pytest.mark.parametrize("loss", ["last", "expected_exit"])
+def test_fixed_point_term_is_the_relative_state_change_between_grad_iterations(micro_model_config, loss):
+    cfg = gated(micro_model_config) if loss == "expected_exit" else micro_model_config
+    model = build_model(cfg, seed=5)
+    tokens, labels = batch(cfg, seed=4)
+    scored = labels != -100
+    weight, beta = 0.4, 0.2
+
+    def hand():
+        (states,), cos_sin = hand_states(model, tokens, 1, 3)
+        if loss == "last":
+            task = (hand_token_ce(hand_logits(model, states[-1], cos_sin), labels)).sum() / scored.sum()
+        else:
+            task = ours(model, tokens, labels, 1, 3, Objective("expected_exit", exit_entropy_weight=beta))
+        # every position, scored or not; the denominator a constant
+        change = sum(((b - a) ** 2).sum(-1) / (a.detach() ** 2).sum(-1) for a, b in zip(states, states[1:]))
+        return task + weight * change.mean() / 2
+
+    objective = Objective(loss, exit_entropy_weight=beta if loss == "expected_exit" else 0.0, fixed_point_weight=weight)
+    grads = assert_same(model, lambda: ours(model, tokens, labels, 1, 3, objective), hand)
+    without = loss_and_grads(model, lambda: ours(model, tokens, labels, 1, 3, replace(objective, fixed_point_weight=0.0)))
+    assert not torch.allclose(grads["transformer.adapter.weight"], without[1]["transformer.adapter.weight"])
+    # one grad iteration has no pair of states: the term is absent
+    one = [loss_and_grads(model, lambda o=o: ours(model, tokens, labels, 2, 1, o))[0]
+           for o in (objective, replace(objective, fixed_point_weight=0.0))]
+    torch.testing.assert_close(one[0], one[1])
+
+
 def test_exit_distribution_sums_to_one_and_is_exact_for_saturated_gates():
     from rdp.pretrain.objectives import exit_log_distribution
 
@@ -237,6 +265,7 @@ def test_curriculum_ramps_the_mean_recurrence_as_a_pure_function_of_the_step():
     (["objective.curriculum=cubic"], "objective.curriculum"),
     (["objective.curriculum_start=99"], "objective.curriculum_start"),
     (["objective.halting_weight=-1", "model.exit_gate=true"], "objective.halting_weight"),
+    (["objective.fixed_point_weight=-0.1"], "objective.fixed_point_weight"),
 ])
 def test_objective_config_errors_name_the_field(override, field):
     from rdp.pretrain.config import ConfigError, load_config
