@@ -15,10 +15,10 @@ import pytest
 from tests.test_distributed import BASE, EXACT_ENOUGH, PYTHON, launch, metrics
 
 REPO = Path(__file__).resolve().parents[1]
-# every objective at once: exit gate trained by expected loss + halting BCE, 2 segments per
-# batch, a curriculum over the first 3 steps; 2 micro-batches of 2 per step
+# every objective at once: exit gate trained by expected loss + halting BCE, the fixed-point
+# term, 2 segments per batch, a curriculum over the first 3 steps; 2 micro-batches of 2 per step
 OBJECTIVE = ["model.exit_gate=true", "objective.loss=expected_exit", "objective.exit_entropy_weight=0.05",
-             "objective.halting_weight=0.5", "objective.segments=2", "objective.curriculum_steps=3",
+             "objective.halting_weight=0.5", "objective.fixed_point_weight=0.3", "objective.segments=2", "objective.curriculum_steps=3",
              "objective.curriculum_start=1.5", "train.checkpoint_every=2"]
 ACCUMULATE = ["train.grad_accum_steps=2"]
 # (name, objective overrides) checked at the model level, TP=2 against one device
@@ -27,6 +27,7 @@ MODEL_CHECKS = {
     "segments": {"loss": "last", "segments": 2},
     "expected_exit": {"loss": "expected_exit", "exit_entropy_weight": 0.1},
     "halting": {"loss": "last", "halting_weight": 1.0},
+    "fixed_point": {"loss": "last", "fixed_point_weight": 0.5},
     "hrm": {"loss": "every"},  # on HRM's two-timescale core (pretrain/hrm.py)
 }
 
