@@ -3,7 +3,9 @@ the real trainer once per variant of configs/reasoning.yaml, then scores exact m
 depth 1..32 (one pass, deterministic state) on the trained difficulty and the two harder
 splits, and prints depth 1, the best depth, depth 32 and their ratio per split; a variant that
 trains an exit gate is also scored with the learned exit (q = --exit-threshold, capped at 32
-steps): exact match, its ratio to the best depth and the mean steps per scored position.
+steps): exact match, its ratio to the best depth and the mean steps per scored position. Every
+variant also gets the state's relative change at the last iteration, ||s_32 - s_31|| / ||s_31||
+averaged over positions (0 = settled at a fixed point; objective.fixed_point_weight).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_reasoning_presets.py --runs runs/presets \\
         base= mean12-curriculum=model.mean_recurrence=12,objective.curriculum_steps=2000
@@ -27,6 +29,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DEPTHS = list(range(1, 33))
 
 
+def state_change(model, task, split: str, examples: int, seed: int) -> float:
+    """Mean over positions of ||s_D - s_{D-1}|| / ||s_{D-1}|| at the deepest depth D, from the
+    deterministic initial state."""
+    import torch
+
+    batch = task.batch(split, 0, examples, seed)
+    with torch.no_grad():
+        cos_sin = model.cos_sin[:batch.inputs.shape[1]]
+        embedded = model.embed(batch.inputs)
+        state = model.initial_state(embedded, 0.0)
+        for step in range(DEPTHS[-1]):
+            state, previous = model.core_step(state, embedded, cos_sin, step=step), state
+        return float(((state - previous).norm(dim=-1) / previous.norm(dim=-1)).mean())
+
+
 def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed: int, exit_threshold: float) -> dict:
     from rdp.data_pipeline.tasks import load_task
     from rdp.evals.lm_adapter import load_checkpoint
@@ -46,6 +63,7 @@ def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed
     for split in task.test_splits():
         scores = score_split_depths(model, task, split, DEPTHS, examples, 256, seed=seed)
         result[split] = {str(d): s["exact_match"] for d, s in scores.items()}
+        result.setdefault("state_change", {})[split] = state_change(model, task, split, min(examples, 256), seed)
         if config.model.exit_gate:
             learned = score_split_depths(model, task, split, [DEPTHS[-1]], examples, 256, seed=seed,
                                          exit_threshold=exit_threshold)[DEPTHS[-1]]
@@ -59,7 +77,7 @@ def run_variant(name: str, overrides: list[str], runs: Path, examples: int, seed
 def summary(name: str, result: dict) -> str:
     parts = []
     for split, curve in result.items():
-        if not isinstance(curve, dict) or split.endswith(" learned exit"):
+        if not isinstance(curve, dict) or split.endswith(" learned exit") or split == "state_change":
             continue
         best = max(curve, key=lambda d: (curve[d], -int(d)))
         ratio = curve["32"] / curve[best] if curve[best] else 0.0
@@ -68,7 +86,7 @@ def summary(name: str, result: dict) -> str:
         if learned:
             part += (f" exit {learned['exact_match']:.3f} ({learned['exact_match'] / curve[best] if curve[best] else 0:.2f},"
                      f" {learned['mean_steps']:.1f} steps)")
-        parts.append(part)
+        parts.append(part + f" change@32 {result['state_change'][split]:.3f}")
     return (f"{name} ({' '.join(result['overrides']) or 'preset'}; train {result['train_seconds']:.0f} s wall, "
             f"{result['train_cpu_seconds']:.0f} s CPU, load {result['load_average']:.1f})\n    " + " | ".join(parts))
 
