@@ -10,7 +10,8 @@ element, in about a quarter fewer operations and without module calls:
   q and k rotate together in four operations: pair * cos2 + swapped pair * sin2 gives
   even*cos + odd*(-sin) and odd*cos + even*sin, which in IEEE arithmetic equal the
   reference's even*cos - odd*sin and odd*cos + even*sin bit for bit;
-- q and k get their biases in one addition, every linear is a plain `F.linear`;
+- q and k get their biases in one addition, every linear is a plain call of the model's own
+  linear function (`rdp.kernels.cpu_linear.linear`: oneDNN on CPU, as in `pretrain.layers.Linear`);
 - RMSNorm skips the fp32 round trips that are no-ops on fp32 activations.
 
 The results are bit-identical to the model's own blocks (tests/test_evals_generation.py
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rdp.kernels.cpu_linear import linear
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
@@ -55,7 +58,7 @@ class LeanBlocks:
         """block(x, cos_sin, cache, step) for `rope = self.rope(position, seq)`."""
         batch, seq, hidden = x.shape
         attn = block.attn
-        qkv = F.linear(_rms(x, block.norm_1), attn.Wqkv.weight).view(batch, seq, 3, self.heads, self.head_dim)
+        qkv = linear(_rms(x, block.norm_1), attn.Wqkv.weight).view(batch, seq, 3, self.heads, self.head_dim)
         qk = qkv[:, :, :2]
         if attn.qk_bias is not None:
             qk = qk + attn.qk_bias.view(2, self.heads, self.head_dim)
@@ -65,9 +68,9 @@ class LeanBlocks:
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         k, v = cache.update((block.layer_id, step), k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attention_mask(seq, k.shape[-2]))
-        x = _rms(x + F.linear(y.transpose(1, 2).reshape(batch, seq, hidden), attn.proj.weight), block.norm_2)
-        gate, up = F.linear(_rms(x, block.norm_3), block.mlp.fc.weight).chunk(2, dim=-1)
-        return _rms(x + F.linear(F.silu(gate) * up, block.mlp.proj.weight), block.norm_4)
+        x = _rms(x + linear(y.transpose(1, 2).reshape(batch, seq, hidden), attn.proj.weight), block.norm_2)
+        gate, up = linear(_rms(x, block.norm_3), block.mlp.fc.weight).chunk(2, dim=-1)
+        return _rms(x + linear(F.silu(gate) * up, block.mlp.proj.weight), block.norm_4)
 
     def prelude(self, ids: torch.Tensor, rope, cache) -> torch.Tensor:
         x = self.model.embed(ids)
