@@ -7,10 +7,11 @@ at ~90-100 GFLOP/s where MKL's `F.linear` reaches ~55-85; the weight gradient, g
 as fast in MKL and stays there. Both are fp32 GEMMs: results agree to fp32 rounding (the
 order of the sums differs), not bit for bit.
 
-`linear` takes this path for fp32 CPU tensors when PyTorch was built with oneDNN, and is
-`F.linear` everywhere else (CUDA, bf16, meta tensors, under CPU autocast). Under autograd or torch.compile it
-runs as the custom op `rdp::onednn_linear` (opaque to the compiler, with its own backward);
-without autograd it calls oneDNN directly, which costs no Python dispatch per call.
+`linear` takes this path for fp32 CPU tensors when PyTorch was built with oneDNN and the
+product is large enough to gain (MIN_MACS), and is `F.linear` everywhere else (CUDA, bf16,
+meta tensors, CPU autocast, small products). Under autograd or torch.compile it runs as the
+custom op `rdp::onednn_linear` (opaque to the compiler, with its own backward); without
+autograd it calls oneDNN directly, sparing the custom op's Python dispatch.
 """
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ import torch.nn.functional as F
 HAVE_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# Below about this many multiply-adds a oneDNN call's fixed cost (~30 us: it looks up its
+# primitive each call) outweighs its faster GEMM, so small products (token-by-token decoding)
+# stay on F.linear; the training step's products are 67M-370M here.
+MIN_MACS = 1 << 25
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
@@ -29,7 +36,8 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() >= 2 and weight.dim() == 2 and x.numel() > 0 and HAVE_ONEDNN
+            and x.dim() >= 2 and weight.dim() == 2 and HAVE_ONEDNN
+            and x.numel() * weight.shape[0] >= MIN_MACS
             and not torch.is_autocast_enabled("cpu"))  # autocast's own dtype rules apply to F.linear
 
 
