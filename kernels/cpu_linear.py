@@ -15,8 +15,11 @@ autograd it calls oneDNN directly, sparing the custom op's Python dispatch.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 
 # read once: the build's capability (flag reads inside a compiled region would break its graph)
@@ -50,6 +53,12 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @onednn_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@register_flop_formula(torch.ops.rdp.onednn_linear)
+def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """What FlopCounterMode counts for F.linear's matmul: 2 M N K."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
 def _save_inputs(ctx, inputs, output) -> None:

@@ -61,6 +61,18 @@ def test_compiled_matches_eager_and_runs_the_op(monkeypatch):
     assert calls == [(4, 128, 256), (4, 128, 320)]
 
 
+def test_flop_counter_counts_it_as_f_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, weight = torch.randn(4, 128, 256, requires_grad=True), torch.randn(320, 256, requires_grad=True)
+    counts = []
+    for fn in (linear, F.linear):
+        with FlopCounterMode(display=False) as counter:
+            fn(x, weight).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 512 * 320 * 256
+
+
 def test_without_autograd_it_is_the_same_arithmetic():
     torch.manual_seed(0)
     x, weight = torch.randn(4, 128, 256), torch.nn.Parameter(torch.randn(320, 256))
