@@ -55,10 +55,15 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@register_flop_formula(torch.ops.rdp.onednn_linear)
 def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
     """What FlopCounterMode counts for F.linear's matmul: 2 M N K."""
     return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+# the custom op, and the direct call without autograd (torch registers no formula for it)
+register_flop_formula(torch.ops.rdp.onednn_linear)(_flops)
+if HAVE_ONEDNN:
+    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_flops)
 
 
 def _save_inputs(ctx, inputs, output) -> None:
