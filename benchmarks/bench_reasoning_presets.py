@@ -37,7 +37,7 @@ def state_change(model, task, split: str, examples: int, seed: int) -> float:
     batch = task.batch(split, 0, examples, seed)
     with torch.no_grad():
         cos_sin = model.cos_sin[:batch.inputs.shape[1]]
-        embedded = model.embed(batch.inputs)
+        embedded = model.encode(batch.inputs, cos_sin)  # embedding and prelude
         state = model.initial_state(embedded, 0.0)
         for step in range(DEPTHS[-1]):
             state, previous = model.core_step(state, embedded, cos_sin, step=step), state
